@@ -1,0 +1,15 @@
+"""mmsa-emt: EMT-DLFR (Sun et al., IEEE TAC 2023, arXiv 2208.07589) as a plug-in model for MMSA.
+
+``import mmsa_emt`` registers the model with MMSA, after which ``MMSA_run('EMT-DLFR', ...)`` and ``MMSA_test`` work.
+"""
+
+from .mmsa_compat import load_config, register
+from .model import EMTDLFR, EMTDLFRConfig
+from .objective import LossWeights, TwoViewBatch, compute_loss
+from .registry import list_models
+
+register()
+
+__all__ = ["EMTDLFR", "EMTDLFRConfig", "LossWeights", "TwoViewBatch", "compute_loss", "list_models", "load_config",
+           "register"]
+__version__ = "0.1.0"

@@ -1,0 +1,389 @@
+"""The only module that knows MMSA 2.2.1: its args bag, names, config layout, data loader, trainer interface.
+
+``register()`` hooks EMT-DLFR into ``MMSA_run``/``MMSA_test`` from outside, without editing MMSA's files: MMSA
+builds its model and trainer maps inside ``AMIO.__init__``/``ATIO.__init__`` and looks ``AMIO``, ``ATIO``,
+``MMDataLoader`` and the config readers up as globals of ``MMSA.run`` at call time, so replacing those globals with
+subclasses/wrappers that know our models is enough. The same globals carry the mends MMSA 2.2.1 needs today:
+no ``torch.cuda.set_device`` on a CPU device, plain numbers (not ``np.float64(...)`` text) in the results CSV under
+numpy 2, config paths relative to the config file, feature files checked before use, per-seed checkpoints that
+never overwrite earlier ones, and one set of log handlers however often ``MMSA_run`` is called.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import MMSA
+import MMSA.run as mmsa_run
+import torch
+from easydict import EasyDict
+from MMSA.config import get_config_regression as _mmsa_config_regression
+from MMSA.config import get_config_tune as _mmsa_config_tune
+from MMSA.data_loader import MMDataLoader as _mmsa_data_loader
+from MMSA.models.AMIO import AMIO as _MMSA_AMIO
+from MMSA.trains.ATIO import ATIO as _MMSA_ATIO
+from MMSA.utils import MetricsTop, dict_to_str
+from torch import nn
+
+from . import model as _model  # noqa: F401  (registers the models)
+from .data_check import check_feature_file, zero_nonfinite
+from .model import EMTDLFRConfig
+from .objective import LossWeights, TwoViewBatch
+from .registry import canonical_name, get_builder, list_models
+from .trainer import OptimConfig, build_optimizer, evaluate, fit
+
+logger = logging.getLogger("MMSA")
+MMSA_UNK_ID = 100  # MMSA's data_missing writes this id for every dropped token
+MINIMIZED_KEYS = ("Loss", "Loss(pred_m)", "MAE")
+DEFAULT_MISSING_SEEDS = (111, 1111, 11111)  # the authors' per-modality missing seeds
+SIMS_LABEL_KEYS = ("regression_labels_T", "regression_labels_A", "regression_labels_V")
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def _mmsa_default_config(tune: bool) -> Path:
+    return Path(MMSA.__file__).parent / "config" / ("config_tune.json" if tune else "config_regression.json")
+
+
+def load_config(model_name: str, dataset_name: str, config_file: str | os.PathLike = "", *,
+                tune: bool = False) -> EasyDict:
+    """MMSA's ``get_config_regression``/``get_config_tune`` with model aliases, clear errors for unknown names
+    and ``dataset_root_dir`` resolved against the config file's own folder when it is relative."""
+    path = Path(config_file) if str(config_file) else _mmsa_default_config(tune)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    name = canonical_name(model_name) or model_name.lower()
+    dataset = dataset_name.lower()
+    models = sorted(k for k in raw if k != "datasetCommonParams")
+    if name not in raw:
+        hint = (f" ({name} is an mmsa-emt model: pass config_file='config/config_regression.json' or "
+                "'config/config_tune.json' from the mmsa-emt repository)") if canonical_name(name) else ""
+        raise KeyError(f"model '{model_name}' has no entry in {path}; it has: {', '.join(models)}{hint}")
+    datasets = raw.get("datasetCommonParams", {})
+    if dataset not in datasets:
+        known = sorted(k for k in datasets if k != "dataset_root_dir")
+        raise KeyError(f"dataset '{dataset_name}' has no entry in {path} under datasetCommonParams; "
+                       f"it has: {', '.join(known)}")
+    if not tune and dataset not in raw[name].get("datasetParams", {}):
+        raise KeyError(f"model '{name}' in {path} has no datasetParams for '{dataset}'; "
+                       f"it has: {', '.join(sorted(raw[name].get('datasetParams', {})))}")
+    if tune and "debugParams" not in raw[name]:
+        raise KeyError(f"model '{name}' in {path} has no debugParams (the search space) for tuning")
+    reader = _mmsa_config_tune if tune else _mmsa_config_regression
+    args = reader(name, dataset, str(path))
+
+    root = datasets.get("dataset_root_dir", "")
+    layout = "aligned" if raw[name]["commonParams"].get("need_data_aligned") and "aligned" in datasets[dataset] \
+        else "unaligned"
+    relative = datasets[dataset][layout]["featurePath"]
+    feature_path = Path(os.path.join(root, relative)).expanduser()
+    if not feature_path.is_absolute():
+        feature_path = path.resolve().parent / feature_path
+    args["featurePath"] = str(feature_path)
+    args["config_file"] = str(path)
+    args["feature_hint"] = (f"built from datasetCommonParams.dataset_root_dir='{root}' + "
+                            f"datasetCommonParams.{dataset}.{layout}.featurePath='{relative}' in {path}")
+    return args
+
+
+def _config_regression(model_name: str, dataset_name: str, config_file: str = "") -> EasyDict:
+    return load_config(model_name, dataset_name, config_file)
+
+
+def _config_tune(model_name: str, dataset_name: str, config_file: str = "", random_choice: bool = True) -> EasyDict:
+    return load_config(model_name, dataset_name, config_file, tune=True)
+
+
+def _require(args: Mapping[str, Any], key: str) -> Any:
+    if key not in args:
+        raise KeyError(f"config key '{key}' is missing for model '{args.get('model_name')}' "
+                       f"(config file {args.get('config_file', '?')})")
+    return args[key]
+
+
+def _is_ours(args: Mapping[str, Any]) -> bool:
+    return canonical_name(str(args.get("model_name", ""))) is not None
+
+
+def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
+    """MMSA args (the authors' key names) -> explicit network config."""
+    r = lambda key: _require(args, key)  # noqa: E731
+    feature_dims = r("feature_dims")
+    return EMTDLFRConfig(
+        pretrained=str(r("pretrained")), audio_dim=int(feature_dims[1]), vision_dim=int(feature_dims[2]),
+        finetune_bert=bool(args.get("use_finetune", True)),
+        audio_hidden=r("a_lstm_hidden_size"), vision_hidden=r("v_lstm_hidden_size"),
+        audio_lstm_layers=args.get("a_lstm_layers", 1), vision_lstm_layers=args.get("v_lstm_layers", 1),
+        audio_lstm_dropout=args.get("a_lstm_dropout", 0.0), vision_lstm_dropout=args.get("v_lstm_dropout", 0.0),
+        audio_out=r("audio_out"), vision_out=r("video_out"), d_model=r("d_model"), fusion_layers=r("fusion_layers"),
+        heads=r("heads"), ff_expansion=args.get("ff_expansion", 4), emb_dropout=args.get("emb_dropout", 0.0),
+        attn_dropout=r("attn_dropout"), ff_dropout=r("ff_dropout"),
+        learnable_pos_emb=bool(args.get("learnable_pos_emb", False)), max_seq_len=args.get("max_seq_len", 1024),
+        mpu_share=bool(r("mpu_share")), modality_share=bool(r("modality_share")), layer_share=bool(r("layer_share")),
+        pool_activation=args.get("attn_act_fn", "tanh"), post_fusion_dim=r("post_fusion_dim"),
+        post_fusion_dropout=r("post_fusion_dropout"),
+        predictor_dims={"context": r("gmc_tokens_pred_dim"), "text": r("text_pred_dim"),
+                        "audio": r("audio_pred_dim"), "vision": r("video_pred_dim")},
+        fused_attention=bool(args.get("fused_attention", True)),
+    )
+
+
+def optim_config_from_args(args: Mapping[str, Any]) -> OptimConfig:
+    r = lambda key: float(_require(args, key))  # noqa: E731
+    return OptimConfig(lr_bert=r("learning_rate_bert"), lr_audio=r("learning_rate_audio"),
+                       lr_vision=r("learning_rate_video"), lr_other=r("learning_rate_other"),
+                       wd_bert=r("weight_decay_bert"), wd_audio=r("weight_decay_audio"),
+                       wd_vision=r("weight_decay_video"), wd_other=r("weight_decay_other"))
+
+
+def loss_weights_from_args(args: Mapping[str, Any]) -> LossWeights:
+    return LossWeights(attraction=float(args.get("loss_attra_weight", 1.0)),
+                       reconstruction=float(args.get("loss_recon_weight", 1.0)),
+                       recon_kind=str(args.get("recon_loss", "SmoothL1Loss")))
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _check_missing_settings(args: EasyDict) -> None:
+    """EMT-DLFR needs MMSA's data_missing machinery: one rate in [0, 1] and one seed per modality."""
+    args["data_missing"] = True
+    rates = args.get("missing_rate")
+    if rates is None:
+        raise KeyError(f"config key 'missing_rate' (three rates for text, audio, vision) is missing for "
+                       f"'{args['model_name']}' (config file {args.get('config_file', '?')})")
+    if isinstance(rates, (int, float)):
+        rates = [float(rates)] * 3
+    if len(rates) != 3 or not all(0.0 <= float(r) <= 1.0 for r in rates):
+        raise ValueError(f"missing_rate must be three numbers in [0, 1] (text, audio, vision), got {rates}")
+    args["missing_rate"] = [float(r) for r in rates]
+    seeds = args.get("missing_seed") or list(DEFAULT_MISSING_SEEDS)
+    if len(seeds) != 3:
+        raise ValueError(f"missing_seed must be three integers (text, audio, vision), got {seeds}")
+    args["missing_seed"] = [int(s) for s in seeds]
+
+
+def _check_vocabulary(args: EasyDict, max_token_id: int | None, feature_path: str) -> None:
+    """A local encoder must share the ids the features were tokenized with, and MMSA's [UNK] id."""
+    folder = Path(str(args.get("pretrained", ""))).expanduser()
+    vocab, config = folder / "vocab.txt", folder / "config.json"
+    if vocab.is_file():
+        tokens = vocab.read_text(encoding="utf-8").splitlines()
+        unk = tokens.index("[UNK]") if "[UNK]" in tokens else None
+        if unk != MMSA_UNK_ID:
+            raise ValueError(f"{vocab} puts [UNK] at id {unk}, but MMSA's data_missing writes id {MMSA_UNK_ID} for "
+                             "dropped tokens: use a BERT vocabulary with [UNK] at 100 (bert-base-uncased/-chinese)")
+    if config.is_file() and max_token_id is not None:
+        vocab_size = json.loads(config.read_text(encoding="utf-8")).get("vocab_size")
+        if vocab_size is not None and max_token_id >= vocab_size:
+            raise ValueError(f"{feature_path}: text_bert holds token id {max_token_id}, beyond the vocabulary of "
+                             f"pretrained='{folder}' ({vocab_size} tokens): the features were tokenized with "
+                             "another vocabulary")
+
+
+def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, torch.utils.data.DataLoader]:
+    """MMSA's ``MMDataLoader`` after checking the feature file; for our models also the missing-data settings,
+    the vocabulary, and non-finite audio/vision values zeroed (with one warning)."""
+    path = args.get("custom_feature") or args["featurePath"]
+    ours = _is_ours(args)
+    extra = SIMS_LABEL_KEYS if args["dataset_name"] == "sims" else ()
+    report = check_feature_file(path, use_bert=bool(args.get("use_bert")),
+                                need_lengths=not args.get("need_data_aligned"), extra_label_keys=extra,
+                                config_hint=args.get("feature_hint", ""))
+    for key in ("feature_T", "feature_A", "feature_V"):
+        if args.get(key) and not Path(args[key]).is_file():
+            raise FileNotFoundError(f"{key}='{args[key]}' does not exist")
+    if ours:
+        _check_missing_settings(args)
+        _check_vocabulary(args, report.max_token_id, str(path))
+    loaders = _mmsa_data_loader(args, num_workers)
+    if report.nonfinite:
+        where = ", ".join(f"{split}/{key}: {n}" for (split, key), n in report.nonfinite.items())
+        action = "zeroed" if ours else "left to MMSA (which zeroes only -inf in audio)"
+        warnings.warn(f"{path}: NaN/inf values in {where}; {action}", stacklevel=2)
+        if ours:
+            for loader in loaders.values():
+                for name in ("audio", "vision", "audio_m", "vision_m"):
+                    if getattr(loader.dataset, name, None) is not None:
+                        setattr(loader.dataset, name, zero_nonfinite(getattr(loader.dataset, name)))
+    return loaders
+
+
+def batch_from_mmsa(batch: Mapping[str, Any]) -> TwoViewBatch:
+    """A batch of MMSA's loader (data_missing on) -> both views with their dropped-step masks."""
+    if "text_m" not in batch:
+        raise KeyError("the batch has no incomplete view ('text_m'): EMT-DLFR needs data_missing=true")
+    text = batch["text"]
+    return TwoViewBatch(
+        text=text, text_m=batch["text_m"], audio=batch["audio"], audio_m=batch["audio_m"],
+        vision=batch["vision"], vision_m=batch["vision_m"],
+        audio_lengths=torch.as_tensor(batch["audio_lengths"]).long(),
+        vision_lengths=torch.as_tensor(batch["vision_lengths"]).long(),
+        text_dropped=text[:, 1] - batch["text_missing_mask"],
+        audio_dropped=torch.as_tensor(batch["audio_mask"]).float() - batch["audio_missing_mask"],
+        vision_dropped=torch.as_tensor(batch["vision_mask"]).float() - batch["vision_missing_mask"],
+        labels=batch["labels"]["M"].reshape(-1),
+    )
+
+
+class _Batches:
+    """Iterates an MMSA DataLoader as TwoViewBatch, remembering the sample ids seen."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        self.loader, self.ids = loader, []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[TwoViewBatch]:
+        self.ids = []
+        for batch in self.loader:
+            self.ids.extend(batch["id"])
+            yield batch_from_mmsa(batch)
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+def _checkpoint_path(args: EasyDict) -> Path:
+    """Per-seed checkpoint next to MMSA's path; an existing file is never overwritten (a counter is added)."""
+    if "model_save_base" not in args:
+        args["model_save_base"] = str(args["model_save_path"])
+    base = Path(args["model_save_base"])
+    stem = f"{base.stem}-seed{torch.initial_seed()}"
+    path, n = base.with_name(stem + base.suffix), 1
+    while path.exists():
+        path, n = base.with_name(f"{stem}-{n}{base.suffix}"), n + 1
+    return path
+
+
+def _plain(results: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in results.items()}
+
+
+class EMTDLFRTrainer:
+    """MMSA's trainer interface (``do_train``/``do_test``) over ``mmsa_emt.trainer``."""
+
+    def __init__(self, args: EasyDict) -> None:
+        self.args = args
+        self.device = torch.device(args.get("device", "cpu"))
+        self.weights = loss_weights_from_args(args)
+        self.key_metric = str(args.get("KeyEval", "Loss"))
+        self.metric_fn = MetricsTop("regression").getMetics(args["dataset_name"])
+        self.progress = int(args.get("verbose_level", 1)) > 0
+
+    def metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return _plain(self.metric_fn(preds, labels))
+
+    def do_train(self, model: nn.Module, dataloader: Mapping[str, Any], return_epoch_results: bool = False):
+        net, args = model.Model, self.args
+        save_path = _checkpoint_path(args)
+        args["model_save_path"] = save_path  # MMSA's _run reloads the best weights from here
+        history: dict[str, list] = {"train": [], "valid": [], "test": []}
+
+        def on_epoch_end(epoch: int, train: dict[str, float], valid: dict[str, float]) -> None:
+            if return_epoch_results:
+                history["train"].append(train)
+                history["valid"].append(valid)
+                history["test"].append(self.do_test(model, dataloader["test"], mode="TEST"))
+
+        result = fit(net, _Batches(dataloader["train"]), _Batches(dataloader["valid"]),
+                     optimizer=build_optimizer(net, optim_config_from_args(args)), weights=self.weights,
+                     metric_fn=self.metrics, key_metric=self.key_metric, minimize=self.key_metric in MINIMIZED_KEYS,
+                     early_stop=int(args.get("early_stop", 8)), max_epochs=args.get("max_epochs"),
+                     update_every=int(args.get("update_epochs", 1)), save_path=save_path, checkpoint_prefix="Model.",
+                     device=self.device, progress=self.progress, logger=logger, on_epoch_end=on_epoch_end)
+        logger.info(f"best valid {self.key_metric} {result.best_value:.4f} at epoch {result.best_epoch}; "
+                    f"weights saved to {save_path}")
+        return history if return_epoch_results else None
+
+    def do_test(self, model: nn.Module, dataloader: Any, mode: str = "VAL", return_sample_results: bool = False):
+        batches = _Batches(dataloader)
+        out = evaluate(model.Model, batches, self.weights, device=self.device, desc=mode.lower(),
+                       progress=self.progress, keep_features=return_sample_results)
+        results = {**self.metrics(out.preds, out.labels), "Loss": round(out.loss, 4),
+                   "Loss(pred_m)": round(out.pred_loss, 4)}
+        logger.info(f"{mode}-({self.args['model_name']}) >> {dict_to_str(results)}")
+        if return_sample_results:
+            f = {k: v.numpy() for k, v in out.features.items()}
+            results.update(Ids=list(batches.ids), SResults=out.preds.numpy().tolist(), Labels=out.labels.tolist(),
+                           Features={"Feature_t": f["text"], "Feature_a": f["audio"], "Feature_v": f["vision"],
+                                     "Feature_f": f["fusion"]})
+        return results
+
+
+# ----------------------------------------------------------------------------------------------- hooks
+class AMIO(_MMSA_AMIO):
+    """MMSA's model wrapper, extended with the registered models (state-dict keys stay 'Model.*')."""
+
+    def __init__(self, args: EasyDict) -> None:
+        if not _is_ours(args):
+            super().__init__(args)
+            return
+        nn.Module.__init__(self)
+        self.need_model_aligned = False
+        config = model_config_from_args(args)
+        self.Model = get_builder(args["model_name"])(config)
+        text_out = args.get("text_out")
+        if text_out is not None and int(text_out) != self.Model.utterance_dims["text"]:
+            logger.info(f"text_out={text_out} in the config; the text width follows the loaded encoder: "
+                        f"{self.Model.utterance_dims['text']}")
+
+
+class ATIO(_MMSA_ATIO):
+    """MMSA's trainer factory, extended with the registered models."""
+
+    def getTrain(self, args: EasyDict):
+        return EMTDLFRTrainer(args) if _is_ours(args) else super().getTrain(args)
+
+
+class _Delegate:
+    """Stands in for a module: selected attributes replaced, everything else read from the original."""
+
+    def __init__(self, target: Any, **overrides: Any) -> None:
+        self.__dict__.update(_target=target, **overrides)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._target, name)
+
+
+def _set_device_if_cuda(device: Any) -> None:
+    """``torch.cuda.set_device`` for CUDA devices; a no-op for the CPU (MMSA calls it unconditionally)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def _plain_round(number: Any, ndigits: int | None = None) -> Any:
+    """``round`` that gives Python floats for numpy scalars, so MMSA's results CSV holds plain numbers."""
+    value = builtins.round(number, ndigits)
+    return float(value) if hasattr(value, "dtype") else value
+
+
+def _set_logger_once(log_dir: Any, model_name: str, dataset_name: str, verbose_level: int) -> logging.Logger:
+    """MMSA's logger setup, after removing the handlers an earlier MMSA_run left (no doubled lines)."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    return _ORIGINAL_SET_LOGGER(log_dir, model_name, dataset_name, verbose_level)
+
+
+_ORIGINAL_SET_LOGGER = mmsa_run._set_logger
+
+
+def register() -> None:
+    """Hooks mmsa-emt's models into ``MMSA_run``/``MMSA_test``; safe to call any number of times."""
+    mmsa_run.AMIO = AMIO
+    mmsa_run.ATIO = ATIO
+    mmsa_run.MMDataLoader = checked_data_loader
+    mmsa_run.get_config_regression = _config_regression
+    mmsa_run.get_config_tune = _config_tune
+    mmsa_run.torch = _Delegate(torch, cuda=_Delegate(torch.cuda, set_device=_set_device_if_cuda))
+    mmsa_run.round = _plain_round
+    mmsa_run._set_logger = _set_logger_once
+    for name in list_models():
+        display = name.upper()
+        if display not in mmsa_run.SUPPORTED_MODELS:
+            mmsa_run.SUPPORTED_MODELS.append(display)

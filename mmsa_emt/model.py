@@ -1,0 +1,162 @@
+"""EMT-DLFR network (Sun, Lian, Liu, Tao, IEEE TAC 2023, arXiv 2208.07589): one view in, prediction out.
+
+Text goes through BERT ([CLS] = utterance vector h_l, the tokens after it = local sequence), audio and vision
+through LSTMs (h_a, h_v and per-frame outputs). The three utterance vectors, projected to d_model, form the global
+multimodal context G (Eq. 4); the EMT promotes G and the local sequences (Sec. 3.3); the head predicts sentiment
+from [h_l, h_a, h_v, flatten(G)] (Eq. 10). The dual-level feature restoration heads used only in training live in
+``objective.DualLevelRestoration`` and are held here as ``self.restoration`` so that one state dict carries all.
+Layer sizes, the order of operations and the parameter count of every part follow the authors' released code
+(models/missingTask/EMT_DLFR.py); attention runs through PyTorch's fused kernel.
+
+Shape legend: b batch, l text tokens, t frames, m modalities, d model width, e encoder width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .nn.emt import EMT
+from .nn.encoders import BertTextEncoder, SequenceEncoder
+from .objective import DualLevelRestoration
+from .registry import register_model
+
+MODALITIES = ("text", "audio", "vision")
+
+
+@dataclass
+class EMTDLFRConfig:
+    """Explicit hyper-parameters of the network (names of the authors' config in comments)."""
+
+    pretrained: str  # hub name or local BERT folder
+    audio_dim: int  # feature_dims[1]
+    vision_dim: int  # feature_dims[2]
+    finetune_bert: bool = True  # use_finetune
+    audio_hidden: int = 32  # a_lstm_hidden_size
+    vision_hidden: int = 64  # v_lstm_hidden_size
+    audio_lstm_layers: int = 1
+    vision_lstm_layers: int = 1
+    audio_lstm_dropout: float = 0.0
+    vision_lstm_dropout: float = 0.0
+    audio_out: int = 16
+    vision_out: int = 32  # video_out
+    d_model: int = 128
+    fusion_layers: int = 3
+    heads: int = 4
+    ff_expansion: int = 4
+    emb_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    ff_dropout: float = 0.0
+    learnable_pos_emb: bool = False
+    max_seq_len: int = 1024
+    mpu_share: bool = True
+    modality_share: bool = True
+    layer_share: bool = True
+    pool_activation: str = "tanh"  # attn_act_fn
+    post_fusion_dim: int = 256
+    post_fusion_dropout: float = 0.0
+    predictor_dims: dict[str, int] = field(
+        default_factory=lambda: {"context": 128, "text": 256, "audio": 8, "vision": 16})
+    fused_attention: bool = True
+
+
+@dataclass
+class ViewOutput:
+    """Everything one view of a sample yields; the objective reads what it needs."""
+
+    pred: Tensor  # (b, 1)
+    utterance: dict[str, Tensor]  # h_l (b, e), h_a (b, audio_out), h_v (b, vision_out)
+    context: Tensor  # flatten(G_L): (b, m*d)
+    local: dict[str, Tensor]  # promoted local sequences Z_m: (b, t_m, d)
+    text_tokens: Tensor  # BERT features of the tokens after [CLS]: (b, l-1, e)
+
+
+def length_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(b,) lengths -> (b, max_len) bool mask, True at valid steps."""
+    return torch.arange(max_len, device=lengths.device)[None] < lengths[:, None]
+
+
+class EMTDLFR(nn.Module):
+    """The network; ``forward`` is MMSA's generic inference call and returns {'M': prediction}."""
+
+    def __init__(self, config: EMTDLFRConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert)
+        self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
+                                             num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout)
+        self.vision_encoder = SequenceEncoder(c.vision_dim, c.vision_hidden, c.vision_out,
+                                              num_layers=c.vision_lstm_layers, dropout=c.vision_lstm_dropout)
+        widths = self.utterance_dims
+        self.projections = nn.ModuleDict({  # bias-free, Identity where the width already is d_model
+            m: nn.Linear(w, c.d_model, bias=False) if w != c.d_model else nn.Identity() for m, w in widths.items()})
+        self.emt = EMT(c.d_model, depth=c.fusion_layers, heads=c.heads, num_modalities=len(MODALITIES),
+                       ff_expansion=c.ff_expansion, attn_dropout=c.attn_dropout, ff_dropout=c.ff_dropout,
+                       emb_dropout=c.emb_dropout, learnable_pos_emb=c.learnable_pos_emb, max_seq_len=c.max_seq_len,
+                       mpu_share=c.mpu_share, modality_share=c.modality_share, layer_share=c.layer_share,
+                       pool_activation=c.pool_activation, fused=c.fused_attention)
+        context_dim = len(MODALITIES) * c.d_model
+        self.head = nn.Sequential(
+            nn.Dropout(c.post_fusion_dropout),
+            nn.Linear(sum(widths.values()) + context_dim, c.post_fusion_dim), nn.ReLU(),
+            nn.Linear(c.post_fusion_dim, c.post_fusion_dim), nn.ReLU(),
+            nn.Linear(c.post_fusion_dim, 1),
+        )
+        self.restoration = DualLevelRestoration(
+            context_dim=context_dim, utterance_dims=widths, d_model=c.d_model,
+            input_dims={"text": widths["text"], "audio": c.audio_dim, "vision": c.vision_dim},
+            predictor_dims=c.predictor_dims,
+        )
+
+    @property
+    def utterance_dims(self) -> dict[str, int]:
+        """Widths of h_l (the encoder's hidden size, not a configured 768), h_a and h_v."""
+        return {"text": self.text_encoder.hidden_size, "audio": self.config.audio_out,
+                "vision": self.config.vision_out}
+
+    def forward_view(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor,
+                     vision_lengths: Tensor) -> ViewOutput:
+        """text (b, 3, l) as MMSA's text_bert; audio (b, t_a, f_a); vision (b, t_v, f_v); lengths (b,) on CPU."""
+        tokens = self.text_encoder(text)  # (b, l, e)
+        text_utt, text_seq = tokens[:, 0], tokens[:, 1:]  # (b, e), (b, l-1, e)
+        text_lengths = (text[:, 1].sum(dim=1).long() - 2).clamp(min=1)  # tokens between [CLS] and [SEP]
+        audio_seq, audio_utt = self.audio_encoder(audio, audio_lengths.clamp(min=1))  # (b, t_a', out_a)
+        vision_seq, vision_utt = self.vision_encoder(vision, vision_lengths.clamp(min=1))  # (b, t_v', out_v)
+
+        utterance = {"text": text_utt, "audio": audio_utt, "vision": vision_utt}
+        sequences = {"text": text_seq, "audio": audio_seq, "vision": vision_seq}
+        lengths = {"text": text_lengths, "audio": audio_lengths.clamp(min=1), "vision": vision_lengths.clamp(min=1)}
+        context = torch.stack([self.projections[m](utterance[m]) for m in MODALITIES], dim=1)  # G: (b, m, d)
+        local = [self.projections[m](sequences[m]) for m in MODALITIES]  # (b, t_m, d) each
+        masks = [length_mask(lengths[m].to(text.device), sequences[m].shape[1]) for m in MODALITIES]
+        context, promoted = self.emt(context, local, masks)
+        context = rearrange(context, "b m d -> b (m d)")
+        pred = self.head(torch.cat([*utterance.values(), context], dim=-1))  # (b, 1)
+        return ViewOutput(pred=pred, utterance=utterance, context=context,
+                          local=dict(zip(MODALITIES, promoted)), text_tokens=text_seq)
+
+    def forward(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor | None = None,
+                vision_lengths: Tensor | None = None) -> dict[str, Tensor]:
+        """One view, as ``MMSA_test`` calls it (without lengths every frame counts as valid)."""
+        full = torch.full((audio.shape[0],), audio.shape[1], dtype=torch.long)
+        audio_lengths = full if audio_lengths is None else audio_lengths
+        vision_lengths = torch.full_like(full, vision.shape[1]) if vision_lengths is None else vision_lengths
+        return {"M": self.forward_view(text, audio, vision, audio_lengths.cpu(), vision_lengths.cpu()).pred}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part (shared parameters counted once), as in the authors' code."""
+        parts = {"text encoder (BERT)": self.text_encoder, "audio LSTM": self.audio_encoder,
+                 "vision LSTM": self.vision_encoder, "projections": self.projections, "EMT fusion": self.emt,
+                 "prediction head": self.head, **self.restoration.parts()}
+        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+
+@register_model("emt-dlfr", "emt_dlfr")
+def emt_dlfr(config: EMTDLFRConfig) -> EMTDLFR:
+    """EMT-DLFR as in the paper (arXiv 2208.07589)."""
+    return EMTDLFR(config)

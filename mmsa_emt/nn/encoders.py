@@ -1,0 +1,86 @@
+"""Unimodal encoders of EMT-DLFR (Sec. 3.2): a fine-tuned BERT for text, one-layer LSTMs for audio and vision.
+
+Shape legend: b batch, l text tokens, t frames, f input features, e hidden width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from transformers import AutoConfig, AutoModel
+
+
+class EncoderNotFoundError(OSError):
+    """The pretrained text encoder could not be loaded (offline hub name, missing or incomplete folder)."""
+
+
+class BertTextEncoder(nn.Module):
+    """BERT over MMSA's ``text_bert`` input (b, 3, l) = ids / attention mask / segment ids.
+
+    ``pretrained`` is a hub name ('bert-base-uncased') or a local folder holding config.json, the weights and
+    vocab.txt. The pooler is kept (so parameter counts match the authors') but frozen: neither uses it.
+    """
+
+    def __init__(self, pretrained: str, *, finetune: bool = True) -> None:
+        super().__init__()
+        self.bert = load_pretrained_encoder(pretrained)
+        self.finetune = finetune
+        if getattr(self.bert, "pooler", None) is not None:
+            self.bert.pooler.requires_grad_(False)
+        if not finetune:
+            self.bert.requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bert.config.hidden_size
+
+    def forward(self, text: Tensor) -> Tensor:
+        ids, mask, segments = text[:, 0].long(), text[:, 1].long(), text[:, 2].long()  # 3 x (b, l)
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+            return self.bert(input_ids=ids, attention_mask=mask, token_type_ids=segments).last_hidden_state  # (b, l, e)
+
+
+def load_pretrained_encoder(pretrained: str) -> nn.Module:
+    """Loads a BERT-family encoder from a local folder or the hub, with an error that says what to do offline."""
+    local = Path(pretrained).expanduser()
+    source = str(local) if local.exists() else pretrained
+    if local.exists() and not (local / "config.json").is_file():
+        raise EncoderNotFoundError(f"pretrained='{pretrained}' is a folder without config.json; it must hold "
+                                   "config.json, the weights (model.safetensors or pytorch_model.bin) and vocab.txt")
+    try:
+        config = AutoConfig.from_pretrained(source)
+        return AutoModel.from_pretrained(source, config=config)
+    except OSError as error:
+        raise EncoderNotFoundError(
+            f"could not load the text encoder pretrained='{pretrained}' ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Without network access, set 'pretrained' in "
+            "your config to a local folder holding config.json, the weights and vocab.txt (for example a copy of "
+            "bert-base-uncased, or bert-base-chinese for SIMS)."
+        ) from error
+
+
+class SequenceEncoder(nn.Module):
+    """Unidirectional LSTM over packed sequences (true lengths), then one Linear to ``out_dim``.
+
+    Returns the local sequence (every frame's output through the Linear, cut to the longest length in the batch)
+    and the utterance vector (the last layer's final hidden state through dropout and the same Linear).
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, num_layers: int = 1,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(in_dim, hidden_dim, num_layers=num_layers, batch_first=True,
+                           dropout=dropout if num_layers > 1 else 0.0)
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(hidden_dim, out_dim) if hidden_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """x (b, t, f); lengths (b,) on the CPU, each >= 1."""
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        outputs, (h_n, _) = self.rnn(packed)
+        local, _ = pad_packed_sequence(outputs, batch_first=True)  # (b, max(lengths), e)
+        utterance = self.proj(self.dropout(h_n[-1]))  # (b, out)
+        return self.proj(local), utterance

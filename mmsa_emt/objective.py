@@ -1,0 +1,168 @@
+"""Dual-Level Feature Restoration (DLFR, Sec. 3.4 of arXiv 2208.07589) and the one loss used in training and eval.
+
+Each sample is seen twice: complete and randomly incomplete. Low-level: the incomplete view's promoted local
+sequences reconstruct the missing input features (Eq. 11). High-level: SimSiam pulls the two views' utterance
+vectors and final contexts together (Eqs. 12-13). The weighting of the total loss follows the authors' released
+trainer (trains/missingTask/EMT_DLFR.py):
+
+    L = L1(pred_incomplete, y) + w_attra * (sum of attraction terms + L1(pred_complete, y)) + w_recon * sum(recon)
+
+Shape legend: b batch, t steps, f features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .model import EMTDLFR, ViewOutput
+
+RECON_LOSSES = {"SmoothL1Loss": F.smooth_l1_loss, "L1Loss": F.l1_loss, "MSELoss": F.mse_loss}
+EPS = 1e-6
+
+
+class Projector(nn.Module):
+    """SimSiam projector: Linear(D, D) + BatchNorm1d without affine parameters."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim, affine=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class Predictor(nn.Module):
+    """SimSiam predictor: Linear(D, P, no bias) + BatchNorm1d + ReLU + Linear(P, D)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class DualLevelRestoration(nn.Module):
+    """Training-only heads: projector and predictor per attracted vector, a reconstruction Linear per modality."""
+
+    def __init__(self, *, context_dim: int, utterance_dims: dict[str, int], d_model: int,
+                 input_dims: dict[str, int], predictor_dims: dict[str, int]) -> None:
+        super().__init__()
+        dims = {"context": context_dim, **utterance_dims}
+        if set(predictor_dims) != set(dims):
+            raise ValueError(f"predictor_dims needs the keys {sorted(dims)}, got {sorted(predictor_dims)}")
+        self.projectors = nn.ModuleDict({k: Projector(d) for k, d in dims.items()})
+        self.predictors = nn.ModuleDict({k: Predictor(d, predictor_dims[k]) for k, d in dims.items()})
+        self.reconstructors = nn.ModuleDict({m: nn.Linear(d_model, f) for m, f in input_dims.items()})
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"DLFR projectors": self.projectors, "DLFR predictors": self.predictors,
+                "DLFR reconstruction": self.reconstructors}
+
+    def simsiam(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(z, p) for one view's vector x (b, D); z is returned without gradient (stop-gradient)."""
+        z = self.projectors[name](x)
+        return z.detach(), self.predictors[name](z)
+
+
+def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
+    """-cos(p, z) averaged over the batch; z is expected detached."""
+    return -F.cosine_similarity(p, z, dim=1).mean()
+
+
+def attraction_loss(p_complete: Tensor, z_complete: Tensor, p_incomplete: Tensor, z_incomplete: Tensor) -> Tensor:
+    """Symmetric SimSiam loss between the views (Eq. 13): (D(p_inc, z_com) + D(p_com, z_inc)) / 2."""
+    return 0.5 * (negative_cosine(p_incomplete, z_complete) + negative_cosine(p_complete, z_incomplete))
+
+
+def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "SmoothL1Loss") -> Tensor:
+    """Reconstruction error at the masked steps only (Eq. 11).
+
+    pred, target (b, t, f); mask (b, t), 1 where a step is valid and was dropped in the incomplete view. As in the
+    authors' code the summed error is divided by (number of masked elements, i.e. steps x f, + 1e-6); no masked
+    step gives 0.
+    """
+    if kind not in RECON_LOSSES:
+        raise ValueError(f"recon_loss={kind!r} is not one of {sorted(RECON_LOSSES)}")
+    weight = mask[..., None].to(pred.dtype).expand_as(pred)  # (b, t, f)
+    total = RECON_LOSSES[kind](pred * weight, target * weight, reduction="sum")
+    return total / (weight.sum() + EPS)
+
+
+@dataclass
+class TwoViewBatch:
+    """One mini-batch seen both ways. ``*_dropped`` masks are 1 at valid steps removed from the incomplete view."""
+
+    text: Tensor  # (b, 3, l)
+    text_m: Tensor  # (b, 3, l), dropped tokens -> [UNK]
+    audio: Tensor  # (b, t_a, f_a)
+    audio_m: Tensor  # dropped frames zeroed
+    vision: Tensor  # (b, t_v, f_v)
+    vision_m: Tensor
+    audio_lengths: Tensor  # (b,) CPU
+    vision_lengths: Tensor  # (b,) CPU
+    text_dropped: Tensor  # (b, l)
+    audio_dropped: Tensor  # (b, t_a)
+    vision_dropped: Tensor  # (b, t_v)
+    labels: Tensor  # (b,)
+
+    def to(self, device: torch.device | str) -> TwoViewBatch:
+        """Moves the tensors to ``device``; lengths stay on the CPU (packed LSTMs want them there)."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if not name.endswith("_lengths"):
+                moved[name] = value.to(device, non_blocking=True)
+        return TwoViewBatch(**moved)
+
+
+@dataclass
+class LossWeights:
+    attraction: float = 1.0  # loss_attra_weight
+    reconstruction: float = 1.0  # loss_recon_weight
+    recon_kind: str = "SmoothL1Loss"  # recon_loss
+
+
+@dataclass
+class LossOutput:
+    total: Tensor
+    terms: dict[str, Tensor]  # every component, unweighted, for logging
+    pred: Tensor  # incomplete-view prediction (b,): the one that is reported
+    pred_complete: Tensor  # (b,)
+    view: ViewOutput  # incomplete view, for features
+
+
+def compute_loss(model: EMTDLFR, batch: TwoViewBatch, weights: LossWeights) -> LossOutput:
+    """Runs both views and returns the total DLFR loss; training and evaluation both call this."""
+    complete = model.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths, batch.vision_lengths)
+    incomplete = model.forward_view(batch.text_m, batch.audio_m, batch.vision_m, batch.audio_lengths,
+                                    batch.vision_lengths)
+    heads = model.restoration
+    labels = batch.labels.reshape(-1)
+    terms = {"pred_incomplete": F.l1_loss(incomplete.pred.reshape(-1), labels),
+             "pred_complete": F.l1_loss(complete.pred.reshape(-1), labels)}
+
+    vectors = {"context": (complete.context, incomplete.context),
+               **{m: (complete.utterance[m], incomplete.utterance[m]) for m in complete.utterance}}
+    for name, (x_c, x_i) in vectors.items():
+        (z_c, p_c), (z_i, p_i) = heads.simsiam(name, x_c), heads.simsiam(name, x_i)
+        terms[f"attract_{name}"] = attraction_loss(p_c, z_c, p_i, z_i)
+
+    targets = {"text": complete.text_tokens.detach(), "audio": batch.audio, "vision": batch.vision}
+    dropped = {"text": batch.text_dropped[:, 1:], "audio": batch.audio_dropped, "vision": batch.vision_dropped}
+    for m, z in incomplete.local.items():
+        steps = z.shape[1]  # text: l-1 tokens after [CLS]; audio/vision: longest length in the batch
+        terms[f"recon_{m}"] = masked_reconstruction_loss(
+            heads.reconstructors[m](z), targets[m][:, :steps], dropped[m][:, :steps], weights.recon_kind)
+
+    attraction = sum(v for k, v in terms.items() if k.startswith("attract_")) + terms["pred_complete"]
+    reconstruction = sum(v for k, v in terms.items() if k.startswith("recon_"))
+    total = terms["pred_incomplete"] + weights.attraction * attraction + weights.reconstruction * reconstruction
+    return LossOutput(total=total, terms=terms, pred=incomplete.pred.reshape(-1),
+                      pred_complete=complete.pred.reshape(-1), view=incomplete)

@@ -1,0 +1,199 @@
+"""Training loop for EMT-DLFR: optimizer groups, one epoch, evaluation, early stopping with best-weight saving.
+
+Framework-free: batches arrive as ``TwoViewBatch`` and metrics through a callable, so MMSA's trainer interface
+(``mmsa_compat.EMTDLFRTrainer``) and plain scripts both sit on top of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sized
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .model import EMTDLFR
+from .objective import LossOutput, LossWeights, TwoViewBatch, compute_loss
+
+MetricFn = Callable[[Tensor, Tensor], dict[str, float]]
+NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layernorm.weight", "layernorm.bias")
+
+
+@dataclass
+class OptimConfig:
+    """Learning rates and weight decays per parameter group (the authors' config names)."""
+
+    lr_bert: float = 5e-5
+    lr_audio: float = 1e-3
+    lr_vision: float = 1e-4
+    lr_other: float = 1e-3
+    wd_bert: float = 1e-3
+    wd_audio: float = 1e-2
+    wd_vision: float = 1e-3
+    wd_other: float = 1e-3
+
+
+def build_optimizer(model: EMTDLFR, config: OptimConfig) -> torch.optim.Adam:
+    """Adam with five groups: BERT with decay, BERT bias/LayerNorm without, audio LSTM, vision LSTM, the rest.
+
+    Asserts that every trainable parameter is in exactly one group.
+    """
+    groups: dict[str, list[torch.nn.Parameter]] = {"bert": [], "bert_no_decay": [], "audio": [], "vision": [],
+                                                   "other": []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith("text_encoder."):
+            groups["bert_no_decay" if any(k in name for k in NO_DECAY) else "bert"].append(param)
+        elif name.startswith("audio_encoder."):
+            groups["audio"].append(param)
+        elif name.startswith("vision_encoder."):
+            groups["vision"].append(param)
+        else:
+            groups["other"].append(param)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [id(p) for params in groups.values() for p in params]
+    assert len(grouped) == len(set(grouped)) == len(trainable) and set(grouped) == trainable, \
+        "every trainable parameter must be in exactly one optimizer group"
+    c = config
+    settings = {"bert": (c.lr_bert, c.wd_bert), "bert_no_decay": (c.lr_bert, 0.0), "audio": (c.lr_audio, c.wd_audio),
+                "vision": (c.lr_vision, c.wd_vision), "other": (c.lr_other, c.wd_other)}
+    return torch.optim.Adam([{"params": groups[k], "lr": lr, "weight_decay": wd, "name": k}
+                             for k, (lr, wd) in settings.items() if groups[k]])
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    pred_loss: float  # L1 of the incomplete-view prediction alone
+    preds: Tensor  # (n,) CPU
+    labels: Tensor  # (n,) CPU
+    metrics: dict[str, float] = field(default_factory=dict)
+    features: dict[str, Tensor] | None = None  # h_l, h_a, h_v, flatten(G) of the incomplete view, if kept
+
+
+def _progress(batches: Iterable, desc: str, show: bool) -> tqdm:
+    total = len(batches) if isinstance(batches, Sized) else None
+    return tqdm(batches, desc=desc, total=total, leave=False, disable=not show, dynamic_ncols=True)
+
+
+def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: torch.optim.Optimizer,
+                    weights: LossWeights, *, update_every: int = 1, device: torch.device | str = "cpu",
+                    desc: str = "train", progress: bool = True) -> EpochResult:
+    """One pass; gradients accumulate over ``update_every`` mini-batches (summed, as the authors) and the epoch's
+    last partial group is stepped too."""
+    model.train()
+    total_loss = torch.zeros((), device=device)
+    pred_loss = torch.zeros((), device=device)
+    preds, labels = [], []
+    bar = _progress(batches, desc, progress)
+    n_batches = len(bar) if bar.total is not None else None
+    optimizer.zero_grad(set_to_none=True)
+    i = -1
+    for i, batch in enumerate(bar):
+        batch = batch.to(device)
+        out = compute_loss(model, batch, weights)
+        out.total.backward()
+        if (i + 1) % update_every == 0 or (n_batches is not None and i + 1 == n_batches):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total_loss += out.total.detach()
+        pred_loss += out.terms["pred_incomplete"].detach()
+        preds.append(out.pred.detach())
+        labels.append(batch.labels.reshape(-1))
+        if progress and i % 10 == 0:
+            bar.set_postfix(loss=f"{out.total.item():.4f}")
+    if n_batches is None and (i + 1) % update_every:
+        optimizer.step()  # unsized iterable: flush the last partial group
+        optimizer.zero_grad(set_to_none=True)
+    return _epoch_result(total_loss, pred_loss, i + 1, preds, labels)
+
+
+@torch.no_grad()
+def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeights, *,
+             device: torch.device | str = "cpu", desc: str = "eval", progress: bool = True,
+             keep_features: bool = False) -> EpochResult:
+    """Same loss as training, in eval mode; predictions are the incomplete view's."""
+    model.eval()
+    total_loss = torch.zeros((), device=device)
+    pred_loss = torch.zeros((), device=device)
+    preds, labels, feats = [], [], []
+    for batch in _progress(batches, desc, progress):
+        batch = batch.to(device)
+        out: LossOutput = compute_loss(model, batch, weights)
+        total_loss += out.total
+        pred_loss += out.terms["pred_incomplete"]
+        preds.append(out.pred)
+        labels.append(batch.labels.reshape(-1))
+        if keep_features:
+            feats.append({**out.view.utterance, "fusion": out.view.context})
+    result = _epoch_result(total_loss, pred_loss, len(preds), preds, labels)
+    if keep_features:
+        result.features = {k: torch.cat([f[k] for f in feats]).cpu() for k in feats[0]}
+    return result
+
+
+def _epoch_result(total: Tensor, pred_loss: Tensor, n: int, preds: list[Tensor], labels: list[Tensor]) -> EpochResult:
+    if n == 0:
+        raise ValueError("no batches: the data split is empty")
+    return EpochResult(loss=total.item() / n, pred_loss=pred_loss.item() / n,
+                       preds=torch.cat(preds).float().cpu(), labels=torch.cat(labels).float().cpu())
+
+
+def save_weights(model: torch.nn.Module, path: Path, *, prefix: str = "") -> None:
+    """Saves the state dict as CPU tensors (keys prefixed, e.g. 'Model.' for MMSA's AMIO wrapper)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_value: float
+    epochs: int
+    history: list[dict[str, dict[str, float]]]
+
+
+def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: Iterable[TwoViewBatch], *,
+        optimizer: torch.optim.Optimizer, weights: LossWeights, metric_fn: MetricFn, key_metric: str = "Loss",
+        minimize: bool = True, early_stop: int = 8, max_epochs: int | None = None, update_every: int = 1,
+        save_path: Path, checkpoint_prefix: str = "", device: torch.device | str = "cpu", progress: bool = True,
+        logger: logging.Logger | None = None,
+        on_epoch_end: Callable[[int, dict[str, float], dict[str, float]], None] | None = None) -> FitResult:
+    """Trains until ``key_metric`` on the validation set has not improved for ``early_stop`` epochs (or
+    ``max_epochs``); the best weights are saved to ``save_path`` and loaded back into ``model`` at the end."""
+    log = logger or logging.getLogger(__name__)
+    best_value, best_epoch, epoch, history = math.inf if minimize else -math.inf, 0, 0, []
+    while max_epochs is None or epoch < max_epochs:
+        epoch += 1
+        train = train_one_epoch(model, train_batches, optimizer, weights, update_every=update_every, device=device,
+                                desc=f"epoch {epoch} train", progress=progress)
+        valid = evaluate(model, valid_batches, weights, device=device, desc=f"epoch {epoch} valid",
+                         progress=progress)
+        if not math.isfinite(train.loss):
+            raise FloatingPointError(f"the training loss became {train.loss} in epoch {epoch}; check the input "
+                                     "features for extreme values and lower the learning rates")
+        train_metrics = {**metric_fn(train.preds, train.labels), "Loss": train.loss}
+        valid_metrics = {**metric_fn(valid.preds, valid.labels), "Loss": valid.loss, "Loss(pred_m)": valid.pred_loss}
+        history.append({"train": train_metrics, "valid": valid_metrics})
+        if key_metric not in valid_metrics:
+            raise KeyError(f"KeyEval='{key_metric}' is not a validation result; choose one of {sorted(valid_metrics)}")
+        value = valid_metrics[key_metric]
+        improved = value <= best_value - 1e-6 if minimize else value >= best_value + 1e-6
+        if improved:
+            best_value, best_epoch = value, epoch
+            save_weights(model, save_path, prefix=checkpoint_prefix)
+        log.info(f"epoch {epoch} (best {best_epoch}) | train loss {train.loss:.4f} | valid loss {valid.loss:.4f} | "
+                 f"valid {key_metric} {value:.4f}{' (best, saved)' if improved else ''}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, train_metrics, valid_metrics)
+        if epoch - best_epoch >= early_stop:
+            log.info(f"early stop: valid {key_metric} has not improved for {early_stop} epochs")
+            break
+    state = torch.load(save_path, map_location="cpu")
+    model.load_state_dict({k[len(checkpoint_prefix):]: v for k, v in state.items()})
+    return FitResult(best_epoch=best_epoch, best_value=best_value, epochs=epoch, history=history)
