@@ -31,6 +31,7 @@ from MMSA.models.AMIO import AMIO as _MMSA_AMIO
 from MMSA.trains.ATIO import ATIO as _MMSA_ATIO
 from MMSA.utils import MetricsTop, dict_to_str
 from torch import nn
+from torch.utils.data import DataLoader
 
 from . import model as _model  # noqa: F401  (registers the models)
 from .data_check import check_feature_file, zero_nonfinite
@@ -202,6 +203,10 @@ def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, torch
         _check_missing_settings(args)
         _check_vocabulary(args, report.max_token_id, str(path))
     loaders = _mmsa_data_loader(args, num_workers)
+    train = loaders["train"]
+    if ours and len(train.dataset) % train.batch_size == 1:  # BatchNorm cannot train on a last batch of one
+        loaders["train"] = DataLoader(train.dataset, batch_size=train.batch_size, shuffle=True,
+                                      num_workers=num_workers, drop_last=True)
     if report.nonfinite:
         where = ", ".join(f"{split}/{key}: {n}" for (split, key), n in report.nonfinite.items())
         action = "zeroed" if ours else "left to MMSA (which zeroes only -inf in audio)"

@@ -140,6 +140,9 @@ class LossOutput:
 
 def compute_loss(model: EMTDLFR, batch: TwoViewBatch, weights: LossWeights) -> LossOutput:
     """Runs both views and returns the total DLFR loss; training and evaluation both call this."""
+    if model.training and batch.labels.numel() < 2:
+        raise ValueError("a training batch of one sample: DLFR's SimSiam heads use BatchNorm, which needs at least "
+                         "2 samples per training batch (drop the last batch or change batch_size)")
     complete = model.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths, batch.vision_lengths)
     incomplete = model.forward_view(batch.text_m, batch.audio_m, batch.vision_m, batch.audio_lengths,
                                     batch.vision_lengths)

@@ -78,7 +78,8 @@ class EpochResult:
 
 def _progress(batches: Iterable, desc: str, show: bool) -> tqdm:
     total = len(batches) if isinstance(batches, Sized) else None
-    return tqdm(batches, desc=desc, total=total, leave=False, disable=not show, dynamic_ncols=True)
+    hidden = {} if show else {"disable": True}  # shown: tqdm's own rules (TQDM_DISABLE, no bar off a terminal)
+    return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, **hidden)
 
 
 def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: torch.optim.Optimizer,

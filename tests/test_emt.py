@@ -1,0 +1,91 @@
+"""The fusion module alone: shapes, parameter counts per sharing level, masking, fused vs explicit attention."""
+
+import itertools
+
+import pytest
+import torch
+
+from mmsa_emt.nn.emt import EMT, PositionalEmbedding
+
+FLAGS = list(itertools.product([True, False], repeat=3))
+
+
+def half_mpu_params(d: int, mult: int = 4) -> int:
+    """Hand count of one half-MPU as the authors build it: 4 LayerNorms, 2 attentions, a GEGLU feed-forward."""
+    layer_norms = 4 * 2 * d
+    attention = d * d + 2 * d * d + (d * d + d)  # q, kv (no bias), out (bias)
+    feed_forward = (d * 2 * mult * d + 2 * mult * d) + (mult * d * d + d)
+    return layer_norms + 2 * attention + feed_forward
+
+
+def pool_params(d: int, m: int = 3) -> int:
+    return (m * d) * (m * d) + m * d + m * d + 1
+
+
+def inputs(b=3, d=16, lengths=((10, 4, 1), (7, 7, 2), (5, 3, 5)), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    context = torch.randn(b, 3, d, generator=g)
+    local = [torch.randn(b, max(ls), d, generator=g) for ls in lengths]
+    masks = [torch.arange(max(ls))[None] < torch.tensor(ls)[:, None] for ls in lengths]
+    return context, local, masks
+
+
+@pytest.mark.parametrize("mpu_share,modality_share,layer_share", FLAGS)
+def test_shapes_and_parameter_count_for_every_sharing_level(mpu_share, modality_share, layer_share):
+    d, depth = 16, 3
+    emt = EMT(d, depth=depth, heads=4, mpu_share=mpu_share, modality_share=modality_share, layer_share=layer_share)
+    context, local, masks = inputs(d=d)
+    out_context, out_local = emt(context, [x.clone() for x in local], masks)
+    assert out_context.shape == (3, 3, d)
+    assert [x.shape for x in out_local] == [x.shape for x in local]
+    n_mpu = (1 if mpu_share else 2) * (1 if modality_share else 3) * (1 if layer_share else depth)
+    n_pool = 1 if layer_share else depth
+    assert sum(p.numel() for p in emt.parameters()) == n_mpu * half_mpu_params(d) + n_pool * pool_params(d)
+
+
+def test_padding_is_masked():
+    emt = EMT(16, depth=2, heads=4).eval()
+    context, local, masks = inputs()
+    ref_context, ref_local = emt(context, [x.clone() for x in local], masks)
+    noisy = [torch.where(m[..., None], x, torch.randn_like(x) * 100) for x, m in zip(local, masks)]
+    new_context, new_local = emt(context, noisy, masks)
+    torch.testing.assert_close(new_context, ref_context)
+    for a, b, m in zip(new_local, ref_local, masks):
+        torch.testing.assert_close(a[m], b[m])
+
+
+def test_fused_and_explicit_attention_agree():
+    fused = EMT(16, depth=2, heads=4, mpu_share=False).eval()
+    explicit = EMT(16, depth=2, heads=4, mpu_share=False, fused=False).eval()
+    explicit.load_state_dict(fused.state_dict())
+    context, local, masks = inputs()
+    a, la = fused(context, [x.clone() for x in local], masks)
+    b, lb = explicit(context, [x.clone() for x in local], masks)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for x, y, m in zip(la, lb, masks):
+        torch.testing.assert_close(x[m], y[m], atol=1e-5, rtol=1e-5)
+
+
+def test_unshared_copies_start_identical_like_the_authors():
+    emt = EMT(8, depth=2, heads=2, mpu_share=False, modality_share=False, layer_share=False)
+    first, second = emt.layers[0][0][0], emt.layers[1][2][1]
+    assert first is not second
+    for p, q in zip(first.parameters(), second.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_positional_embedding_sinusoid_odd_width_and_learnable_limit():
+    pe = PositionalEmbedding(5)
+    table = pe.sinusoid(4, torch.device("cpu"), torch.float32)[0]
+    assert table.shape == (4, 5)
+    assert torch.allclose(table[0], torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0]))  # sin(0)=0, cos(0)=1
+    assert torch.isclose(table[1, 0], torch.sin(torch.tensor(1.0)))
+    learnable = PositionalEmbedding(4, max_len=8, learnable=True)
+    assert sum(p.numel() for p in learnable.parameters()) == 32
+    with pytest.raises(ValueError, match="max_seq_len"):
+        learnable(torch.zeros(1, 9, 4))
+
+
+def test_heads_must_divide_width():
+    with pytest.raises(ValueError, match="d_model=10.*heads=4"):
+        EMT(10, depth=1, heads=4)

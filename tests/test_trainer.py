@@ -1,0 +1,64 @@
+"""Optimizer groups, gradient accumulation, early stopping and checkpoints of the framework-free trainer."""
+
+import pytest
+import torch
+from conftest import random_batch
+
+from mmsa_emt import EMTDLFR, LossWeights
+from mmsa_emt.trainer import OptimConfig, build_optimizer, fit, train_one_epoch
+
+
+def test_optimizer_groups_follow_the_config(tiny_config):
+    model = EMTDLFR(tiny_config())
+    config = OptimConfig(lr_bert=1e-5, lr_audio=2e-3, lr_vision=3e-4, lr_other=4e-3, wd_bert=0.1, wd_audio=0.2,
+                         wd_vision=0.3, wd_other=0.4)
+    groups = {g["name"]: g for g in build_optimizer(model, config).param_groups}
+    assert {k: (g["lr"], g["weight_decay"]) for k, g in groups.items()} == {
+        "bert": (1e-5, 0.1), "bert_no_decay": (1e-5, 0.0), "audio": (2e-3, 0.2), "vision": (3e-4, 0.3),
+        "other": (4e-3, 0.4)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = [names[id(p)] for p in groups["bert_no_decay"]["params"]]
+    assert no_decay and all("bias" in n or "LayerNorm" in n for n in no_decay)
+    assert all(names[id(p)].startswith("audio_encoder.") for p in groups["audio"]["params"])
+    assert any(names[id(p)].startswith("emt.") for p in groups["other"]["params"])
+    assert any(names[id(p)].startswith("restoration.") for p in groups["other"]["params"])
+
+
+@pytest.mark.parametrize("n_batches,update_every,steps", [(7, 3, 3), (6, 3, 2), (4, 1, 4), (2, 4, 1)])
+def test_gradient_accumulation_steps_the_last_partial_group(tiny_config, n_batches, update_every, steps):
+    model = EMTDLFR(tiny_config())
+    optimizer = build_optimizer(model, OptimConfig())
+    calls = []
+    step = optimizer.step
+    optimizer.step = lambda *a, **k: calls.append(1) or step(*a, **k)
+    batches = [random_batch(3, seed=i) for i in range(n_batches)]
+    train_one_epoch(model, batches, optimizer, LossWeights(), update_every=update_every, progress=False)
+    assert len(calls) == steps
+
+
+def test_fit_stops_early_saves_the_best_and_loads_it_back(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    model = EMTDLFR(tiny_config())
+    train = [random_batch(4, seed=i) for i in range(2)]
+    valid = [random_batch(4, seed=10)]
+    path = tmp_path / "best.pth"
+    metric = lambda p, y: {"MAE": float((p - y).abs().mean())}  # noqa: E731
+    result = fit(model, train, valid, optimizer=build_optimizer(model, OptimConfig()), weights=LossWeights(),
+                 metric_fn=metric, early_stop=1, max_epochs=4, save_path=path, checkpoint_prefix="Model.",
+                 progress=False)
+    assert path.is_file() and 1 <= result.best_epoch <= result.epochs <= 4
+    assert result.epochs == 4 or result.epochs - result.best_epoch == 1
+    saved = torch.load(path)
+    assert all(k.startswith("Model.") for k in saved)
+    for k, v in model.state_dict().items():
+        assert torch.equal(saved["Model." + k], v)
+    losses = [h["valid"]["Loss"] for h in result.history]
+    assert result.best_value == min(losses)
+
+
+def test_unknown_key_metric_lists_the_choices(tiny_config, tmp_path):
+    model = EMTDLFR(tiny_config())
+    with pytest.raises(KeyError, match="KeyEval='Acc'.*Loss"):
+        fit(model, [random_batch(3)], [random_batch(3)], optimizer=build_optimizer(model, OptimConfig()),
+            weights=LossWeights(), metric_fn=lambda p, y: {}, key_metric="Acc", save_path=tmp_path / "x.pth",
+            progress=False)
