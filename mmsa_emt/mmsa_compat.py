@@ -86,7 +86,7 @@ def load_config(model_name: str, dataset_name: str, config_file: str | os.PathLi
     relative = datasets[dataset][layout]["featurePath"]
     feature_path = Path(os.path.join(root, relative)).expanduser()
     if not feature_path.is_absolute():
-        feature_path = path.resolve().parent / feature_path
+        feature_path = Path(os.path.normpath(path.resolve().parent / feature_path))
     args["featurePath"] = str(feature_path)
     args["config_file"] = str(path)
     args["feature_hint"] = (f"built from datasetCommonParams.dataset_root_dir='{root}' + "

@@ -1,0 +1,72 @@
+"""The shipped configs: complete for MMSA, the authors' hyper-parameters, paths relative to the config file."""
+
+import json
+from pathlib import Path
+
+import MMSA
+import pytest
+from conftest import REPO
+
+from mmsa_emt.mmsa_compat import load_config, model_config_from_args, optim_config_from_args
+
+REGRESSION, TUNE = REPO / "config" / "config_regression.json", REPO / "config" / "config_tune.json"
+DATASETS = ("mosi", "mosei", "sims")
+PAPER = {  # issue table: the authors' hyper-parameters per dataset
+    "mosi": dict(batch_size=32, learning_rate_bert=5e-5, learning_rate_audio=1e-3, learning_rate_video=1e-4,
+                 learning_rate_other=1e-3, weight_decay_bert=1e-3, weight_decay_audio=1e-2, weight_decay_video=1e-3,
+                 weight_decay_other=1e-3, a_lstm_hidden_size=32, v_lstm_hidden_size=64, d_model=128, fusion_layers=3,
+                 attn_dropout=0.3, ff_dropout=0.1, post_fusion_dim=256, post_fusion_dropout=0.3,
+                 loss_attra_weight=1, loss_recon_weight=1, pretrained="bert-base-uncased"),
+    "mosei": dict(batch_size=16, learning_rate_bert=2e-5, learning_rate_audio=1e-4, learning_rate_video=1e-4,
+                  learning_rate_other=1e-4, weight_decay_bert=1e-3, weight_decay_audio=1e-3, weight_decay_video=1e-3,
+                  weight_decay_other=1e-3, a_lstm_hidden_size=16, v_lstm_hidden_size=32, d_model=128,
+                  fusion_layers=2, attn_dropout=0, ff_dropout=0, post_fusion_dim=128, post_fusion_dropout=0,
+                  loss_attra_weight=1, loss_recon_weight=1, pretrained="bert-base-uncased"),
+    "sims": dict(batch_size=32, learning_rate_bert=2e-5, learning_rate_audio=1e-3, learning_rate_video=1e-3,
+                 learning_rate_other=1e-3, weight_decay_bert=1e-3, weight_decay_audio=0, weight_decay_video=0,
+                 weight_decay_other=0, a_lstm_hidden_size=16, v_lstm_hidden_size=32, d_model=32, fusion_layers=4,
+                 attn_dropout=0, ff_dropout=0, post_fusion_dim=256, post_fusion_dropout=0,
+                 loss_attra_weight=0.5, loss_recon_weight=0.5, pretrained="bert-base-chinese"),
+}
+COMMON = dict(heads=4, ff_expansion=4, emb_dropout=0, text_out=768, audio_out=16, video_out=32, early_stop=8,
+              update_epochs=4, mpu_share=True, modality_share=True, layer_share=True, attn_act_fn="tanh",
+              recon_loss="SmoothL1Loss", gmc_tokens_pred_dim=128, text_pred_dim=256, audio_pred_dim=8,
+              video_pred_dim=16, missing_seed=[111, 1111, 11111], use_finetune=True, data_missing=True)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_emt_dlfr_regression_config_has_the_paper_values(dataset):
+    args = load_config("EMT-DLFR", dataset, REGRESSION)
+    for key, value in {**PAPER[dataset], **COMMON}.items():
+        assert args[key] == value, key
+    assert args["model_name"] == "emt-dlfr"
+    model_config_from_args({**args, "feature_dims": [768, 5, 20]})  # every key the model needs is there
+    optim_config_from_args(args)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_feature_paths_resolve_into_the_repository_dataset_folder(dataset):
+    args = load_config("emt_dlfr", dataset, REGRESSION)
+    expected = {"mosi": "MOSI/Processed/unaligned_50.pkl", "mosei": "MOSEI/Processed/unaligned_50.pkl",
+                "sims": "SIMS/Processed/unaligned_39.pkl"}[dataset]
+    assert args["featurePath"] == str(REPO / "dataset" / expected)
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_tune_config_draws_from_the_search_space(dataset):
+    raw = json.loads(TUNE.read_text())["emt-dlfr"]["debugParams"]
+    args = load_config("EMT-DLFR", dataset, TUNE, tune=True)
+    assert len(raw["d_paras"]) >= 6
+    for key in raw["d_paras"]:
+        assert args[key] in raw[key], key
+    model_config_from_args({**args, "feature_dims": [768, 5, 20]})
+
+
+@pytest.mark.parametrize("path", [REGRESSION, TUNE])
+def test_every_mmsa_builtin_model_is_in_our_configs(path):
+    ours = json.loads(path.read_text())
+    theirs = json.loads((Path(MMSA.__file__).parent / "config" / path.name).read_text())
+    assert set(theirs) - {"datasetCommonParams"} <= set(ours)
+    for model in set(theirs) - {"datasetCommonParams"}:
+        for dataset in theirs[model].get("datasetParams", {}):
+            load_config(model, dataset, path, tune=path == TUNE)
