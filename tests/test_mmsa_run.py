@@ -125,3 +125,20 @@ def test_registration_is_idempotent():
     mmsa_emt.register()
     assert mmsa_run.AMIO is AMIO
     assert mmsa_run.SUPPORTED_MODELS.count("EMT-DLFR") == 1
+
+
+def test_epoch_and_sample_results_for_mmsa_sena_path(workspace, tmp_path):
+    """MMSA's M-SENA path asks for per-epoch results and per-sample predictions and features."""
+    config = workspace("mosi", scale=SCALES["mosi"])
+    args = load_config("EMT-DLFR", "mosi", config)
+    args.update(model_save_path=tmp_path / "m.pth", device=torch.device("cpu"), train_mode="regression",
+                custom_feature=None, feature_T=None, feature_A=None, feature_V=None, cur_seed=1)
+    torch.manual_seed(0)
+    out = mmsa_run._run(args, num_workers=0, from_sena=True)
+    epochs = out["epoch_results"]
+    assert len(epochs["train"]) == len(epochs["valid"]) == len(epochs["test"]) == 2  # max_epochs
+    test = out["final_results"]["test"]
+    n = len(test["Ids"])
+    assert n == len(test["SResults"]) == len(test["Labels"]) == 21
+    assert test["Features"]["Feature_t"].shape == (n, 32) and test["Features"]["Feature_f"].shape == (n, 48)
+    assert len(set(test["Ids"])) == n
