@@ -7,8 +7,10 @@ from .mmsa_compat import load_config, register
 from .model import EMTDLFR, EMTDLFRConfig
 from .objective import LossWeights, TwoViewBatch, compute_loss
 from .registry import list_models
+from .trainer import flush_denormals
 
 register()
+flush_denormals()  # before torch starts its CPU threads; MMSA_EMT_FLUSH_DENORMAL=0 turns it off
 
 __all__ = ["EMTDLFR", "EMTDLFRConfig", "LossWeights", "TwoViewBatch", "compute_loss", "list_models", "load_config",
            "register"]

@@ -46,9 +46,50 @@ def main(argv: Sequence[str] | None = None) -> None:
     params = commands.add_parser("params", help="print EMT-DLFR's parameter count per part for each dataset")
     params.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
     params.add_argument("--datasets", nargs="+", default=["mosi", "mosei", "sims"])
+
+    robust = commands.add_parser("robustness", help="missing-rate sweep: results CSV, AUILC tables, curves (PNG)")
+    robust.add_argument("--model", nargs="+", default=["EMT-DLFR"], help="EMT-DLFR and/or MMSA model names")
+    robust.add_argument("--dataset", required=True, help="mosi, mosei, sims or another dataset of the config")
+    robust.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
+    robust.add_argument("--rates", nargs="+", type=float,
+                        help="missing rates, the same for every modality (default: 0.0..1.0 by 0.1; SIMS 0.0..0.5)")
+    robust.add_argument("--modality-rates", nargs=3, type=float, action="append", metavar=("T", "A", "V"),
+                        help="one setting of per-modality rates (text audio vision); repeat for several")
+    robust.add_argument("--seeds", nargs="+", type=int, default=[111, 1111, 11111])
+    robust.add_argument("--protocol", choices=["per-rate", "train-once"], default="per-rate",
+                        help="per-rate: train and test at each rate (the paper's); train-once: train at "
+                             "--train-rate, test at every rate")
+    robust.add_argument("--train-rate", type=float, default=0.0, help="training rate of --protocol train-once")
+    robust.add_argument("--out", default="saved_results/robustness", help="output folder (default: %(default)s)")
+    robust.add_argument("--gpu-ids", nargs="*", type=int, default=[], help="GPU to use (default: CPU or most free)")
+    robust.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    robust.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config values for every model, e.g. max_epochs=5 (values as JSON)")
     args = parser.parse_args(argv)
 
     if args.command == "params":
         table = parameter_table(args.config, args.datasets)
         print(table.to_string(formatters={c: "{:,}".format for c in table.columns}))
         print("The BERT pooler is counted (as in the authors' code) but frozen: neither implementation uses it.")
+    elif args.command == "robustness":
+        from .robustness import sweep
+
+        sweep(args.model, args.dataset, args.config, rates=args.rates, modality_rates=args.modality_rates,
+              seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate, out_dir=args.out,
+              gpu_ids=args.gpu_ids, num_workers=args.num_workers, overrides=parse_overrides(args.set))
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """['max_epochs=5', 'pretrained=/x'] -> {'max_epochs': 5, 'pretrained': '/x'} (JSON values, else strings)."""
+    import json
+
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got '{item}'")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides

@@ -12,11 +12,15 @@ never overwrite earlier ones, and one set of log handlers however often ``MMSA_r
 from __future__ import annotations
 
 import builtins
+import copy
+import functools
+import importlib
 import json
 import logging
+import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +31,19 @@ from easydict import EasyDict
 from MMSA.config import get_config_regression as _mmsa_config_regression
 from MMSA.config import get_config_tune as _mmsa_config_tune
 from MMSA.data_loader import MMDataLoader as _mmsa_data_loader
+from MMSA.data_loader import MMDataset
 from MMSA.models.AMIO import AMIO as _MMSA_AMIO
+from MMSA.models.missingTask.TFR_NET.model import TFR_NET as MMSA_TFR_NET
+from MMSA.models.singleTask.MISA import MISA as MMSA_MISA
 from MMSA.trains.ATIO import ATIO as _MMSA_ATIO
-from MMSA.utils import MetricsTop, dict_to_str
+from MMSA.utils import MetricsTop, assign_gpu, dict_to_str, setup_seed
 from torch import nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
 from . import model as _model  # noqa: F401  (registers the models)
-from .data_check import check_feature_file, zero_nonfinite
+from .data_check import FeatureReport, check_feature_file, zero_nonfinite
+from .missing import incomplete_view_file
 from .model import EMTDLFRConfig
 from .objective import LossWeights, TwoViewBatch
 from .registry import canonical_name, get_builder, list_models
@@ -187,11 +196,9 @@ def _check_vocabulary(args: EasyDict, max_token_id: int | None, feature_path: st
                              "another vocabulary")
 
 
-def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, torch.utils.data.DataLoader]:
-    """MMSA's ``MMDataLoader`` after checking the feature file; for our models also the missing-data settings,
-    the vocabulary, and non-finite audio/vision values zeroed (with one warning)."""
+def _check_inputs(args: EasyDict) -> FeatureReport:
+    """Checks the feature file (and, for our models, the missing-data settings and the vocabulary)."""
     path = args.get("custom_feature") or args["featurePath"]
-    ours = _is_ours(args)
     extra = SIMS_LABEL_KEYS if args["dataset_name"] == "sims" else ()
     report = check_feature_file(path, use_bert=bool(args.get("use_bert")),
                                 need_lengths=not args.get("need_data_aligned"), extra_label_keys=extra,
@@ -199,24 +206,49 @@ def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, torch
     for key in ("feature_T", "feature_A", "feature_V"):
         if args.get(key) and not Path(args[key]).is_file():
             raise FileNotFoundError(f"{key}='{args[key]}' does not exist")
-    if ours:
+    if _is_ours(args):
         _check_missing_settings(args)
         _check_vocabulary(args, report.max_token_id, str(path))
+    return report
+
+
+def _mend_datasets(args: EasyDict, report: FeatureReport, datasets: list[MMDataset]) -> None:
+    """Zeroes non-finite audio/vision for our models (one warning); MMSA handles only -inf in audio."""
+    if not report.nonfinite:
+        return
+    where = ", ".join(f"{split}/{key}: {n}" for (split, key), n in report.nonfinite.items())
+    ours = _is_ours(args)
+    action = "zeroed" if ours else "left to MMSA (which zeroes only -inf in audio)"
+    warnings.warn(f"{report.path}: NaN/inf values in {where}; {action}", stacklevel=3)
+    if ours:
+        for dataset in datasets:
+            for name in ("audio", "vision", "audio_m", "vision_m"):
+                if getattr(dataset, name, None) is not None:
+                    setattr(dataset, name, zero_nonfinite(getattr(dataset, name)))
+
+
+def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataLoader]:
+    """MMSA's ``MMDataLoader`` after checking the input (see ``_check_inputs``), with non-finite audio/vision
+    zeroed for our models, no training batch of one sample (BatchNorm cannot train on it) and, for MMSA's
+    built-in models, the args mended as ``_mend_builtin_args`` says."""
+    report = _check_inputs(args)
     loaders = _mmsa_data_loader(args, num_workers)
+    _mend_datasets(args, report, [loader.dataset for loader in loaders.values()])
     train = loaders["train"]
-    if ours and len(train.dataset) % train.batch_size == 1:  # BatchNorm cannot train on a last batch of one
+    if len(train.dataset) % train.batch_size == 1:
         loaders["train"] = DataLoader(train.dataset, batch_size=train.batch_size, shuffle=True,
                                       num_workers=num_workers, drop_last=True)
-    if report.nonfinite:
-        where = ", ".join(f"{split}/{key}: {n}" for (split, key), n in report.nonfinite.items())
-        action = "zeroed" if ours else "left to MMSA (which zeroes only -inf in audio)"
-        warnings.warn(f"{path}: NaN/inf values in {where}; {action}", stacklevel=2)
-        if ours:
-            for loader in loaders.values():
-                for name in ("audio", "vision", "audio_m", "vision_m"):
-                    if getattr(loader.dataset, name, None) is not None:
-                        setattr(loader.dataset, name, zero_nonfinite(getattr(loader.dataset, name)))
+    if not _is_ours(args):
+        _mend_builtin_args(args, n_train=len(train.dataset), n_batches=len(loaders["train"]))
     return loaders
+
+
+def checked_test_loader(args: EasyDict, num_workers: int = 0) -> DataLoader:
+    """The test split alone, checked and mended like ``checked_data_loader``."""
+    report = _check_inputs(args)
+    dataset = MMDataset(args, mode="test")
+    _mend_datasets(args, report, [dataset])
+    return DataLoader(dataset, batch_size=args["batch_size"], shuffle=False, num_workers=num_workers)
 
 
 def batch_from_mmsa(batch: Mapping[str, Any]) -> TwoViewBatch:
@@ -320,6 +352,150 @@ class EMTDLFRTrainer:
         return results
 
 
+# ----------------------------------------------------------------------------------------------- built-in models
+class _ReduceLROnPlateau(ReduceLROnPlateau):
+    """Accepts the ``verbose`` argument that MMSA's MulT, MMIM and TFR-Net trainers pass and torch 2.13 refuses."""
+
+    def __init__(self, *args: Any, verbose: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+
+
+def encoder_width(pretrained: Any) -> int | None:
+    """hidden_size of a local encoder folder (None for a hub name)."""
+    config = Path(str(pretrained or "")).expanduser() / "config.json"
+    return int(json.loads(config.read_text(encoding="utf-8"))["hidden_size"]) if config.is_file() else None
+
+
+def _mend_builtin_args(args: EasyDict, *, n_train: int, n_batches: int) -> None:
+    """Args of MMSA's built-in models, after its loader and before the model is built:
+
+    - the text width follows the loaded encoder (MMSA's loader forces feature_dims[0] = 768 with use_bert,
+      which breaks MMIM, TFR-Net and Self_MM with a 384- or 32-wide encoder);
+    - ``train_samples`` is the real training-set size (Self_MM sizes its label tables with it);
+    - gradient accumulation over more batches than an epoch has would never step: capped at one epoch;
+    - TFR-Net's temporal transformers take the sequence lengths as widths: they must divide by its heads.
+    """
+    width = encoder_width(args.get("pretrained")) if args.get("use_bert") else None
+    if width is not None:
+        args["feature_dims"][0] = width
+        if args["model_name"] == "self_mm":
+            args["text_out"] = width
+    args["train_samples"] = n_train
+    if int(args.get("update_epochs", 1)) > n_batches:
+        logger.warning(f"update_epochs={args['update_epochs']} is more than the {n_batches} training batches of "
+                       f"an epoch: MMSA's trainer would never step; using {n_batches}")
+        args["update_epochs"] = n_batches
+    if args["model_name"] == "tfr_net":
+        heads, lengths = int(args["num_temporal_head"]), [int(n) for n in args["seq_lens"]]
+        if any(n % heads for n in lengths):
+            raise ValueError(f"TFR_Net uses the sequence lengths {lengths} as transformer widths with "
+                             f"num_temporal_head={heads}; each must be divisible by it: set num_temporal_head to "
+                             f"a common divisor, e.g. {math.gcd(*lengths)}")
+
+
+class _MISA(MMSA_MISA):
+    """MISA with the text projection sized from the loaded encoder (MMSA hard-codes 768) and audio/vision
+    packing lengths kept within the sequences (MMSA packs them with the text token counts)."""
+
+    def __init__(self, config: EasyDict) -> None:
+        super().__init__(config)
+        if config.use_bert:
+            width = self.bertmodel.model.config.hidden_size
+            if width != self.project_t.project_t.in_features:
+                self.project_t.project_t = nn.Linear(width, config.hidden_size)
+
+    def extract_features(self, sequence, lengths, rnn1, rnn2, layer_norm):
+        return super().extract_features(sequence, lengths.clamp(min=1, max=sequence.size(1)), rnn1, rnn2,
+                                        layer_norm)
+
+
+class _TFRNet(MMSA_TFR_NET):
+    """TFR-Net with the configured ``pretrained`` encoder (MMSA always asks the hub for bert-base-uncased)."""
+
+    def __init__(self, args: EasyDict) -> None:
+        module = importlib.import_module(MMSA_TFR_NET.__module__)
+        original = module.BertTextEncoder
+        module.BertTextEncoder = functools.partial(original, transformers=args.get("transformers", "bert"),
+                                                   pretrained=args.get("pretrained", "bert-base-uncased"))
+        try:
+            super().__init__(args)
+        finally:
+            module.BertTextEncoder = original
+
+
+def _mend_builtin_models() -> None:
+    for name in ("MMSA.trains.singleTask.MULT", "MMSA.trains.singleTask.MMIM", "MMSA.trains.missingTask.TFR_NET"):
+        importlib.import_module(name).ReduceLROnPlateau = _ReduceLROnPlateau
+    models = importlib.import_module("MMSA.models.AMIO")  # AMIO.__init__ reads these names at call time
+    models.MISA, models.TFR_NET = _MISA, _TFRNet
+
+
+# ----------------------------------------------------------------------------------------------- missing-rate trials
+NATIVE_MISSING = ("tfr_net",)  # MMSA's own missing-aware model: it reads MMSA's incomplete view itself
+
+
+def display_name(model_name: str) -> str:
+    """'emt_dlfr' -> 'EMT-DLFR', 'self_mm' -> 'Self_MM': the spelling of MMSA's model list."""
+    key = canonical_name(model_name)
+    if key is not None:
+        return key.upper()
+    known = {m.lower(): m for m in [*mmsa_run.SUPPORTED_MODELS, "TFR_Net"]}
+    return known.get(model_name.lower(), model_name)
+
+
+def reads_incomplete_view(model_name: str) -> bool:
+    """True for models that take MMSA's data_missing view natively (ours, TFR-Net); the others are fed a derived
+    feature file holding only the incomplete view (see ``mmsa_emt.missing``)."""
+    return canonical_name(model_name) is not None or model_name.lower() in NATIVE_MISSING
+
+
+def _at_missing_rates(args: EasyDict, rates: Sequence[float], cache_dir: Path) -> EasyDict:
+    """A copy of ``args`` whose data is missing at ``rates`` (text, audio, vision)."""
+    at = EasyDict(copy.deepcopy(dict(args)))
+    seeds = [int(s) for s in (args.get("missing_seed") or DEFAULT_MISSING_SEEDS)]
+    if reads_incomplete_view(at["model_name"]):
+        at.update(data_missing=True, missing_rate=[float(r) for r in rates], missing_seed=seeds)
+    else:
+        at["featurePath"] = str(incomplete_view_file(args["featurePath"], rates, seeds, cache_dir))
+        at["data_missing"] = False
+    return at
+
+
+def trial_args(model_name: str, dataset_name: str, config_file: str | os.PathLike, *,
+               overrides: Mapping[str, Any] | None = None, gpu_ids: Sequence[int] = ()) -> EasyDict:
+    """The args ``MMSA_run`` would build for one run, plus ``overrides``."""
+    args = load_config(model_name, dataset_name, config_file)
+    args.update(dict(overrides or {}))
+    args.update(device=assign_gpu(list(gpu_ids)), train_mode="regression", custom_feature=None, feature_T=None,
+                feature_A=None, feature_V=None, cur_seed=1)
+    return args
+
+
+def run_missing_trial(args: EasyDict, *, seed: int, train_rates: Sequence[float],
+                      test_rates: Sequence[Sequence[float]], checkpoint: Path, cache_dir: Path,
+                      num_workers: int = 0) -> tuple[list[dict[str, float]], Path]:
+    """Trains one model at ``train_rates`` with ``seed`` and tests it at each of ``test_rates``, as MMSA's
+    ``_run`` does (seeding, loaders, AMIO, ATIO); returns the test results and the checkpoint written."""
+    train_args = _at_missing_rates(args, train_rates, cache_dir)
+    train_args["model_save_path"] = checkpoint
+    _set_device_if_cuda(train_args["device"])
+    setup_seed(seed)
+    loaders = checked_data_loader(train_args, num_workers)
+    model = AMIO(train_args).to(train_args["device"])
+    trainer = ATIO().getTrain(train_args)
+    trainer.do_train(model, loaders)
+    saved = Path(train_args["model_save_path"])  # our trainer picks a per-seed name that overwrites nothing
+    model.load_state_dict(torch.load(saved, map_location="cpu"))
+    results = []
+    for rates in test_rates:
+        same = [float(r) for r in rates] == [float(r) for r in train_rates]
+        loader = loaders["test"] if same else checked_test_loader(_at_missing_rates(args, rates, cache_dir),
+                                                                  num_workers)
+        results.append(_plain({k: v for k, v in trainer.do_test(model, loader, mode="TEST").items()
+                               if isinstance(v, (int, float))}))
+    return results, saved
+
+
 # ----------------------------------------------------------------------------------------------- hooks
 class AMIO(_MMSA_AMIO):
     """MMSA's model wrapper, extended with the registered models (state-dict keys stay 'Model.*')."""
@@ -388,6 +564,7 @@ def register() -> None:
     mmsa_run.torch = _Delegate(torch, cuda=_Delegate(torch.cuda, set_device=_set_device_if_cuda))
     mmsa_run.round = _plain_round
     mmsa_run._set_logger = _set_logger_once
+    _mend_builtin_models()
     for name in list_models():
         display = name.upper()
         if display not in mmsa_run.SUPPORTED_MODELS:
