@@ -478,6 +478,7 @@ def run_missing_trial(args: EasyDict, *, seed: int, train_rates: Sequence[float]
     ``_run`` does (seeding, loaders, AMIO, ATIO); returns the test results and the checkpoint written."""
     train_args = _at_missing_rates(args, train_rates, cache_dir)
     train_args["model_save_path"] = checkpoint
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)  # MMSA's own trainers save without creating it
     _set_device_if_cuda(train_args["device"])
     setup_seed(seed)
     loaders = checked_data_loader(train_args, num_workers)
