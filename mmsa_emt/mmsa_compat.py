@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import MMSA
+import MMSA.data_loader as mmsa_data_loader
 import MMSA.run as mmsa_run
 import torch
 from easydict import EasyDict
@@ -43,15 +44,17 @@ from torch.utils.data import DataLoader
 
 from . import model as _model  # noqa: F401  (registers the models)
 from .data_check import FeatureReport, check_feature_file, zero_nonfinite
+from .metrics import DATASET_METRICS
 from .missing import incomplete_view_file
-from .model import EMTDLFRConfig
+from .model import MODALITIES, EMTDLFRConfig
 from .objective import LossWeights, TwoViewBatch
 from .registry import canonical_name, get_builder, list_models
 from .trainer import OptimConfig, build_optimizer, evaluate, fit
 
 logger = logging.getLogger("MMSA")
 MMSA_UNK_ID = 100  # MMSA's data_missing writes this id for every dropped token
-MINIMIZED_KEYS = ("Loss", "Loss(pred_m)", "MAE")
+MINIMIZED_KEYS = ("Loss", "Loss(pred_m)", "MAE", "RMSE")
+MMSA_DATASETS = ("mosi", "mosei", "sims")  # the names MMSA's MMDataset and MetricsTop know
 DEFAULT_MISSING_SEEDS = (111, 1111, 11111)  # the authors' per-modality missing seeds
 SIMS_LABEL_KEYS = ("regression_labels_T", "regression_labels_A", "regression_labels_V")
 
@@ -142,6 +145,7 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         predictor_dims={"context": r("gmc_tokens_pred_dim"), "text": r("text_pred_dim"),
                         "audio": r("audio_pred_dim"), "vision": r("video_pred_dim")},
         fused_attention=bool(args.get("fused_attention", True)),
+        modalities=tuple(args.get("modalities") or MODALITIES),
     )
 
 
@@ -212,6 +216,27 @@ def _check_inputs(args: EasyDict) -> FeatureReport:
     return report
 
 
+class _MMDataset(MMDataset):
+    """MMSA's dataset for any dataset name: a name MMSA does not know (e.g. 'avec2019') loads like MOSI, whose
+    file layout every MMSA feature file shares (MMSA raises KeyError for it)."""
+
+    def __init__(self, args: EasyDict, mode: str = "train") -> None:
+        if args["dataset_name"] in MMSA_DATASETS:
+            super().__init__(args, mode)
+            return
+        self.mode, self.args = mode, args
+        self._MMDataset__init_mosi()
+
+
+_ORIGINAL_GET_METICS = MetricsTop.getMetics
+
+
+def _get_metics(self: MetricsTop, dataset_name: str):
+    """MMSA's metric lookup, extended with the datasets of ``mmsa_emt.metrics`` (for every trainer)."""
+    extra = DATASET_METRICS.get(dataset_name.lower())
+    return extra if extra is not None else _ORIGINAL_GET_METICS(self, dataset_name)
+
+
 def _mend_datasets(args: EasyDict, report: FeatureReport, datasets: list[MMDataset]) -> None:
     """Zeroes non-finite audio/vision for our models (one warning); MMSA handles only -inf in audio."""
     if not report.nonfinite:
@@ -246,7 +271,7 @@ def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataL
 def checked_test_loader(args: EasyDict, num_workers: int = 0) -> DataLoader:
     """The test split alone, checked and mended like ``checked_data_loader``."""
     report = _check_inputs(args)
-    dataset = MMDataset(args, mode="test")
+    dataset = _MMDataset(args, mode="test")
     _mend_datasets(args, report, [dataset])
     return DataLoader(dataset, batch_size=args["batch_size"], shuffle=False, num_workers=num_workers)
 
@@ -309,7 +334,7 @@ class EMTDLFRTrainer:
         self.device = torch.device(args.get("device", "cpu"))
         self.weights = loss_weights_from_args(args)
         self.key_metric = str(args.get("KeyEval", "Loss"))
-        self.metric_fn = MetricsTop("regression").getMetics(args["dataset_name"])
+        self.metric_fn = MetricsTop("regression").getMetics(args["dataset_name"])  # ours too, see _get_metics
         self.progress = int(args.get("verbose_level", 1)) > 0
 
     def metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -566,6 +591,8 @@ def register() -> None:
     mmsa_run.round = _plain_round
     mmsa_run._set_logger = _set_logger_once
     _mend_builtin_models()
+    mmsa_data_loader.MMDataset = _MMDataset  # MMDataLoader reads this global at call time
+    MetricsTop.getMetics = _get_metics
     for name in list_models():
         display = name.upper()
         if display not in mmsa_run.SUPPORTED_MODELS:

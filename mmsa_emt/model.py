@@ -61,6 +61,7 @@ class EMTDLFRConfig:
     predictor_dims: dict[str, int] = field(
         default_factory=lambda: {"context": 128, "text": 256, "audio": 8, "vision": 16})
     fused_attention: bool = True
+    modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
 
 @dataclass
@@ -71,7 +72,7 @@ class ViewOutput:
     utterance: dict[str, Tensor]  # h_l (b, e), h_a (b, audio_out), h_v (b, vision_out)
     context: Tensor  # flatten(G_L): (b, m*d)
     local: dict[str, Tensor]  # promoted local sequences Z_m: (b, t_m, d)
-    text_tokens: Tensor  # BERT features of the tokens after [CLS]: (b, l-1, e)
+    text_tokens: Tensor | None  # BERT features of the tokens after [CLS]: (b, l-1, e); None without text
 
 
 def length_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -80,63 +81,82 @@ def length_mask(lengths: Tensor, max_len: int) -> Tensor:
 
 
 class EMTDLFR(nn.Module):
-    """The network; ``forward`` is MMSA's generic inference call and returns {'M': prediction}."""
+    """The network; ``forward`` is MMSA's generic inference call and returns {'M': prediction}.
+
+    ``config.modalities`` may be any non-empty subset of text/audio/vision (kept in that order); the global
+    context then has one token per modality used, and the other inputs are ignored.
+    """
 
     def __init__(self, config: EMTDLFRConfig) -> None:
         super().__init__()
         c = self.config = config
-        self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert)
-        self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
-                                             num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout)
-        self.vision_encoder = SequenceEncoder(c.vision_dim, c.vision_hidden, c.vision_out,
-                                              num_layers=c.vision_lstm_layers, dropout=c.vision_lstm_dropout)
+        unknown = set(c.modalities) - set(MODALITIES)
+        if unknown or not c.modalities:
+            raise ValueError(f"modalities={list(c.modalities)}: choose a non-empty subset of {list(MODALITIES)}")
+        self.modalities = tuple(m for m in MODALITIES if m in c.modalities)
+        if "text" in self.modalities:
+            self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert)
+        if "audio" in self.modalities:
+            self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
+                                                 num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout)
+        if "vision" in self.modalities:
+            self.vision_encoder = SequenceEncoder(c.vision_dim, c.vision_hidden, c.vision_out,
+                                                  num_layers=c.vision_lstm_layers, dropout=c.vision_lstm_dropout)
         widths = self.utterance_dims
         self.projections = nn.ModuleDict({  # bias-free, Identity where the width already is d_model
             m: nn.Linear(w, c.d_model, bias=False) if w != c.d_model else nn.Identity() for m, w in widths.items()})
-        self.emt = EMT(c.d_model, depth=c.fusion_layers, heads=c.heads, num_modalities=len(MODALITIES),
+        self.emt = EMT(c.d_model, depth=c.fusion_layers, heads=c.heads, num_modalities=len(self.modalities),
                        ff_expansion=c.ff_expansion, attn_dropout=c.attn_dropout, ff_dropout=c.ff_dropout,
                        emb_dropout=c.emb_dropout, learnable_pos_emb=c.learnable_pos_emb, max_seq_len=c.max_seq_len,
                        mpu_share=c.mpu_share, modality_share=c.modality_share, layer_share=c.layer_share,
                        pool_activation=c.pool_activation, fused=c.fused_attention)
-        context_dim = len(MODALITIES) * c.d_model
+        context_dim = len(self.modalities) * c.d_model
         self.head = nn.Sequential(
             nn.Dropout(c.post_fusion_dropout),
             nn.Linear(sum(widths.values()) + context_dim, c.post_fusion_dim), nn.ReLU(),
             nn.Linear(c.post_fusion_dim, c.post_fusion_dim), nn.ReLU(),
             nn.Linear(c.post_fusion_dim, 1),
         )
+        inputs = {"text": widths.get("text"), "audio": c.audio_dim, "vision": c.vision_dim}
         self.restoration = DualLevelRestoration(
             context_dim=context_dim, utterance_dims=widths, d_model=c.d_model,
-            input_dims={"text": widths["text"], "audio": c.audio_dim, "vision": c.vision_dim},
-            predictor_dims=c.predictor_dims,
+            input_dims={m: inputs[m] for m in self.modalities},
+            predictor_dims={k: v for k, v in c.predictor_dims.items() if k == "context" or k in self.modalities},
         )
 
     @property
     def utterance_dims(self) -> dict[str, int]:
-        """Widths of h_l (the encoder's hidden size, not a configured 768), h_a and h_v."""
-        return {"text": self.text_encoder.hidden_size, "audio": self.config.audio_out,
-                "vision": self.config.vision_out}
+        """Widths of h_l (the encoder's hidden size, not a configured 768), h_a and h_v, for the modalities used."""
+        widths = {"text": lambda: self.text_encoder.hidden_size, "audio": lambda: self.config.audio_out,
+                  "vision": lambda: self.config.vision_out}
+        return {m: widths[m]() for m in self.modalities}
+
+    def encode(self, modality: str, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """One modality -> (utterance vector (b, w), local sequence (b, t, w), valid lengths (b,))."""
+        if modality == "text":
+            tokens = self.text_encoder(x)  # (b, l, e)
+            lengths = (x[:, 1].sum(dim=1).long() - 2).clamp(min=1)  # tokens between [CLS] and [SEP]
+            return tokens[:, 0], tokens[:, 1:], lengths  # [CLS]: (b, e); after it: (b, l-1, e)
+        encoder = self.audio_encoder if modality == "audio" else self.vision_encoder
+        lengths = lengths.clamp(min=1)
+        local, utterance = encoder(x, lengths)  # (b, max(lengths), out), (b, out)
+        return utterance, local, lengths
 
     def forward_view(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor,
                      vision_lengths: Tensor) -> ViewOutput:
         """text (b, 3, l) as MMSA's text_bert; audio (b, t_a, f_a); vision (b, t_v, f_v); lengths (b,) on CPU."""
-        tokens = self.text_encoder(text)  # (b, l, e)
-        text_utt, text_seq = tokens[:, 0], tokens[:, 1:]  # (b, e), (b, l-1, e)
-        text_lengths = (text[:, 1].sum(dim=1).long() - 2).clamp(min=1)  # tokens between [CLS] and [SEP]
-        audio_seq, audio_utt = self.audio_encoder(audio, audio_lengths.clamp(min=1))  # (b, t_a', out_a)
-        vision_seq, vision_utt = self.vision_encoder(vision, vision_lengths.clamp(min=1))  # (b, t_v', out_v)
-
-        utterance = {"text": text_utt, "audio": audio_utt, "vision": vision_utt}
-        sequences = {"text": text_seq, "audio": audio_seq, "vision": vision_seq}
-        lengths = {"text": text_lengths, "audio": audio_lengths.clamp(min=1), "vision": vision_lengths.clamp(min=1)}
-        context = torch.stack([self.projections[m](utterance[m]) for m in MODALITIES], dim=1)  # G: (b, m, d)
-        local = [self.projections[m](sequences[m]) for m in MODALITIES]  # (b, t_m, d) each
-        masks = [length_mask(lengths[m].to(text.device), sequences[m].shape[1]) for m in MODALITIES]
+        inputs = {"text": (text, None), "audio": (audio, audio_lengths), "vision": (vision, vision_lengths)}
+        encoded = {m: self.encode(m, *inputs[m]) for m in self.modalities}
+        utterance = {m: u for m, (u, _, _) in encoded.items()}
+        context = torch.stack([self.projections[m](utterance[m]) for m in self.modalities], dim=1)  # G: (b, m, d)
+        local = [self.projections[m](seq) for m, (_, seq, _) in encoded.items()]  # (b, t_m, d) each
+        masks = [length_mask(n.to(seq.device), seq.shape[1]) for (_, seq, n) in encoded.values()]
         context, promoted = self.emt(context, local, masks)
         context = rearrange(context, "b m d -> b (m d)")
         pred = self.head(torch.cat([*utterance.values(), context], dim=-1))  # (b, 1)
         return ViewOutput(pred=pred, utterance=utterance, context=context,
-                          local=dict(zip(MODALITIES, promoted)), text_tokens=text_seq)
+                          local=dict(zip(self.modalities, promoted)),
+                          text_tokens=encoded["text"][1] if "text" in encoded else None)
 
     def forward(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor | None = None,
                 vision_lengths: Tensor | None = None) -> dict[str, Tensor]:
@@ -148,9 +168,11 @@ class EMTDLFR(nn.Module):
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (shared parameters counted once), as in the authors' code."""
-        parts = {"text encoder (BERT)": self.text_encoder, "audio LSTM": self.audio_encoder,
-                 "vision LSTM": self.vision_encoder, "projections": self.projections, "EMT fusion": self.emt,
-                 "prediction head": self.head, **self.restoration.parts()}
+        encoders = {"text encoder (BERT)": "text_encoder", "audio LSTM": "audio_encoder",
+                    "vision LSTM": "vision_encoder"}
+        parts = {name: getattr(self, attr) for name, attr in encoders.items() if hasattr(self, attr)}
+        parts.update({"projections": self.projections, "EMT fusion": self.emt, "prediction head": self.head,
+                      **self.restoration.parts()})
         counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts

@@ -157,7 +157,9 @@ def compute_loss(model: EMTDLFR, batch: TwoViewBatch, weights: LossWeights) -> L
         (z_c, p_c), (z_i, p_i) = heads.simsiam(name, x_c), heads.simsiam(name, x_i)
         terms[f"attract_{name}"] = attraction_loss(p_c, z_c, p_i, z_i)
 
-    targets = {"text": complete.text_tokens.detach(), "audio": batch.audio, "vision": batch.vision}
+    targets = {"audio": batch.audio, "vision": batch.vision}
+    if complete.text_tokens is not None:
+        targets["text"] = complete.text_tokens.detach()
     dropped = {"text": batch.text_dropped[:, 1:], "audio": batch.audio_dropped, "vision": batch.vision_dropped}
     for m, z in incomplete.local.items():
         steps = z.shape[1]  # text: l-1 tokens after [CLS]; audio/vision: longest length in the batch

@@ -40,7 +40,8 @@ METRICS: dict[str, list[tuple[str, str, float]]] = {  # MMSA key, paper label, s
              ("Mult_acc_2", "Acc-2", 100), ("F1_score", "F1", 100)],
 }
 METRICS["mosei"] = METRICS["mosi"]
-LOWER_IS_BETTER = {"MAE"}
+METRICS["avec2019"] = [("CCC", "CCC", 1), ("MAE", "MAE", 1), ("RMSE", "RMSE", 1), ("Pearson", "Pearson r", 1)]
+LOWER_IS_BETTER = {"MAE", "RMSE"}
 DEFAULT_SEEDS = (111, 1111, 11111)
 KEY_COLUMNS = ["model", "dataset", "protocol", "train_rate_t", "train_rate_a", "train_rate_v", "rate_t", "rate_a",
                "rate_v", "seed", "config_hash"]

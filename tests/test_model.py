@@ -114,3 +114,21 @@ def test_offline_hub_name_gives_a_clear_error(tiny_config):
 def test_folder_without_config_gives_a_clear_error(tiny_config, tmp_path):
     with pytest.raises(EncoderNotFoundError, match="without config.json"):
         EMTDLFR(tiny_config(pretrained=str(tmp_path)))
+
+
+@pytest.mark.parametrize("modalities", [("audio", "vision"), ("text", "vision"), ("text",), ("audio",)])
+def test_any_subset_of_modalities(tiny_config, modalities):
+    torch.manual_seed(0)
+    model = EMTDLFR(tiny_config(modalities=modalities)).train()
+    assert model.emt.pools[0].score[0].in_features == len(modalities) * 16  # pooling over M contexts of M*d
+    assert hasattr(model, "text_encoder") == ("text" in modalities)
+    batch = random_batch(4, rate=0.5)
+    batch.labels = torch.full((4,), 5.0)
+    out = compute_loss(model, batch, LossWeights())
+    assert out.view.context.shape == (4, len(modalities) * 16)
+    assert {k for k in out.terms if k.startswith(("attract_", "recon_"))} == {
+        "attract_context", *(f"attract_{m}" for m in modalities), *(f"recon_{m}" for m in modalities)}
+    out.total.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    with pytest.raises(ValueError, match="non-empty subset"):
+        EMTDLFR(tiny_config(modalities=("smell",)))
