@@ -49,7 +49,7 @@ from .missing import incomplete_view_file
 from .model import MODALITIES, EMTDLFRConfig
 from .objective import LossWeights, TwoViewBatch
 from .registry import canonical_name, get_builder, list_models
-from .trainer import OptimConfig, build_optimizer, evaluate, fit
+from .trainer import OptimConfig, SpeedConfig, build_optimizer, evaluate, fit
 
 logger = logging.getLogger("MMSA")
 MMSA_UNK_ID = 100  # MMSA's data_missing writes this id for every dropped token
@@ -144,7 +144,7 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         post_fusion_dropout=r("post_fusion_dropout"),
         predictor_dims={"context": r("gmc_tokens_pred_dim"), "text": r("text_pred_dim"),
                         "audio": r("audio_pred_dim"), "vision": r("video_pred_dim")},
-        fused_attention=bool(args.get("fused_attention", True)),
+        fused_attention=bool(args.get("fused_attention", True)), fused_views=bool(args.get("fused_views", True)),
         modalities=tuple(args.get("modalities") or MODALITIES),
     )
 
@@ -155,6 +155,14 @@ def optim_config_from_args(args: Mapping[str, Any]) -> OptimConfig:
                        lr_vision=r("learning_rate_video"), lr_other=r("learning_rate_other"),
                        wd_bert=r("weight_decay_bert"), wd_audio=r("weight_decay_audio"),
                        wd_vision=r("weight_decay_video"), wd_other=r("weight_decay_other"))
+
+
+def speed_config_from_args(args: Mapping[str, Any]) -> SpeedConfig:
+    """``precision`` (fp32 | bf16 | fp16; 'auto' = bf16 on CUDA, fp32 elsewhere), ``trim_padding``."""
+    precision = str(args.get("precision", "fp32"))
+    if precision == "auto":
+        precision = "bf16" if torch.device(args.get("device", "cpu")).type == "cuda" else "fp32"
+    return SpeedConfig(trim_padding=bool(args.get("trim_padding", True)), precision=precision)
 
 
 def loss_weights_from_args(args: Mapping[str, Any]) -> LossWeights:
@@ -336,6 +344,7 @@ class EMTDLFRTrainer:
         self.key_metric = str(args.get("KeyEval", "Loss"))
         self.metric_fn = MetricsTop("regression").getMetics(args["dataset_name"])  # ours too, see _get_metics
         self.progress = int(args.get("verbose_level", 1)) > 0
+        self.speed = speed_config_from_args(args)
 
     def metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return _plain(self.metric_fn(preds, labels))
@@ -357,7 +366,8 @@ class EMTDLFRTrainer:
                      metric_fn=self.metrics, key_metric=self.key_metric, minimize=self.key_metric in MINIMIZED_KEYS,
                      early_stop=int(args.get("early_stop", 8)), max_epochs=args.get("max_epochs"),
                      update_every=int(args.get("update_epochs", 1)), save_path=save_path, checkpoint_prefix="Model.",
-                     device=self.device, progress=self.progress, logger=logger, on_epoch_end=on_epoch_end)
+                     device=self.device, progress=self.progress, logger=logger, on_epoch_end=on_epoch_end,
+                     speed=self.speed)
         logger.info(f"best valid {self.key_metric} {result.best_value:.4f} at epoch {result.best_epoch}; "
                     f"weights saved to {save_path}")
         return history if return_epoch_results else None
@@ -365,7 +375,7 @@ class EMTDLFRTrainer:
     def do_test(self, model: nn.Module, dataloader: Any, mode: str = "VAL", return_sample_results: bool = False):
         batches = _Batches(dataloader)
         out = evaluate(model.Model, batches, self.weights, device=self.device, desc=mode.lower(),
-                       progress=self.progress, keep_features=return_sample_results)
+                       progress=self.progress, keep_features=return_sample_results, speed=self.speed)
         results = {**self.metrics(out.preds, out.labels), "Loss": round(out.loss, 4),
                    "Loss(pred_m)": round(out.pred_loss, 4)}
         logger.info(f"{mode}-({self.args['model_name']}) >> {dict_to_str(results)}")

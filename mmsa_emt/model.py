@@ -60,7 +60,8 @@ class EMTDLFRConfig:
     post_fusion_dropout: float = 0.0
     predictor_dims: dict[str, int] = field(
         default_factory=lambda: {"context": 128, "text": 256, "audio": 8, "vision": 16})
-    fused_attention: bool = True
+    fused_attention: bool = True  # PyTorch's scaled-dot-product kernel; False: explicit score matrices
+    fused_views: bool = True  # complete and incomplete view in one pass (False: two passes, as the authors)
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
 
@@ -73,6 +74,12 @@ class ViewOutput:
     context: Tensor  # flatten(G_L): (b, m*d)
     local: dict[str, Tensor]  # promoted local sequences Z_m: (b, t_m, d)
     text_tokens: Tensor | None  # BERT features of the tokens after [CLS]: (b, l-1, e); None without text
+
+    def half(self, rows: slice) -> ViewOutput:
+        """The samples ``rows`` of a pass over stacked views."""
+        return ViewOutput(pred=self.pred[rows], utterance={k: v[rows] for k, v in self.utterance.items()},
+                          context=self.context[rows], local={k: v[rows] for k, v in self.local.items()},
+                          text_tokens=None if self.text_tokens is None else self.text_tokens[rows])
 
 
 def length_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -157,6 +164,16 @@ class EMTDLFR(nn.Module):
         return ViewOutput(pred=pred, utterance=utterance, context=context,
                           local=dict(zip(self.modalities, promoted)),
                           text_tokens=encoded["text"][1] if "text" in encoded else None)
+
+    def forward_views(self, text: Tensor, text_m: Tensor, audio: Tensor, audio_m: Tensor, vision: Tensor,
+                      vision_m: Tensor, audio_lengths: Tensor, vision_lengths: Tensor) -> tuple[ViewOutput, ViewOutput]:
+        """Both views in one pass, stacked along the batch: every layer here works per sample, so this is the
+        same computation as two ``forward_view`` calls (the BatchNorm heads of DLFR run per view, outside)."""
+        b = text.shape[0]
+        both = self.forward_view(torch.cat([text, text_m]), torch.cat([audio, audio_m]),
+                                 torch.cat([vision, vision_m]), torch.cat([audio_lengths, audio_lengths]),
+                                 torch.cat([vision_lengths, vision_lengths]))  # (2b, ...)
+        return both.half(slice(0, b)), both.half(slice(b, 2 * b))
 
     def forward(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor | None = None,
                 vision_lengths: Tensor | None = None) -> dict[str, Tensor]:

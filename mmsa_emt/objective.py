@@ -113,6 +113,22 @@ class TwoViewBatch:
     vision_dropped: Tensor  # (b, t_v)
     labels: Tensor  # (b,)
 
+    def trimmed(self) -> TwoViewBatch:
+        """The batch cut to its longest text and frame sequences (call on the CPU, before ``to``).
+
+        Padding beyond every sample's length changes no output (it is masked or never packed), so this only
+        saves the encoders' and the fusion's work on it.
+        """
+        text_steps = int(self.text[:, 1].sum(dim=1).max())
+        audio_steps, vision_steps = int(self.audio_lengths.max()), int(self.vision_lengths.max())
+        cut = {"text": text_steps, "text_m": text_steps, "text_dropped": text_steps, "audio": audio_steps,
+               "audio_m": audio_steps, "audio_dropped": audio_steps, "vision": vision_steps,
+               "vision_m": vision_steps, "vision_dropped": vision_steps}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, steps in cut.items():
+            values[name] = values[name][..., :steps] if name.startswith("text") else values[name][:, :steps]
+        return TwoViewBatch(**values)
+
     def to(self, device: torch.device | str) -> TwoViewBatch:
         """Moves the tensors to ``device``; lengths stay on the CPU (packed LSTMs want them there)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -143,9 +159,15 @@ def compute_loss(model: EMTDLFR, batch: TwoViewBatch, weights: LossWeights) -> L
     if model.training and batch.labels.numel() < 2:
         raise ValueError("a training batch of one sample: DLFR's SimSiam heads use BatchNorm, which needs at least "
                          "2 samples per training batch (drop the last batch or change batch_size)")
-    complete = model.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths, batch.vision_lengths)
-    incomplete = model.forward_view(batch.text_m, batch.audio_m, batch.vision_m, batch.audio_lengths,
-                                    batch.vision_lengths)
+    if model.config.fused_views:  # one pass over both views stacked along the batch
+        complete, incomplete = model.forward_views(batch.text, batch.text_m, batch.audio, batch.audio_m,
+                                                   batch.vision, batch.vision_m, batch.audio_lengths,
+                                                   batch.vision_lengths)
+    else:  # two passes, as the authors
+        complete = model.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths,
+                                      batch.vision_lengths)
+        incomplete = model.forward_view(batch.text_m, batch.audio_m, batch.vision_m, batch.audio_lengths,
+                                        batch.vision_lengths)
     heads = model.restoration
     labels = batch.labels.reshape(-1)
     terms = {"pred_incomplete": F.l1_loss(incomplete.pred.reshape(-1), labels),

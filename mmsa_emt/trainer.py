@@ -68,6 +68,29 @@ def build_optimizer(model: EMTDLFR, config: OptimConfig) -> torch.optim.Adam:
 
 
 @dataclass
+class SpeedConfig:
+    """How the work is done, not what is computed (see benchmarks/bench_train.py for what each lever pays)."""
+
+    trim_padding: bool = True  # cut each batch to its longest sequences before the encoders
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass (fp16 with loss scaling)
+    sync_every_step: bool = False  # read the loss back to the host each step, as the authors' loop does
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision='{self.precision}' is not one of {sorted(PRECISIONS)}")
+
+    def autocast(self, device: torch.device | str) -> torch.autocast:
+        kind = torch.device(device).type
+        return torch.autocast(kind, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32")
+
+    def prepare(self, batch: TwoViewBatch, device: torch.device | str) -> TwoViewBatch:
+        return (batch.trimmed() if self.trim_padding else batch).to(device)
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
 class EpochResult:
     loss: float
     pred_loss: float  # L1 of the incomplete-view prediction alone
@@ -97,9 +120,12 @@ def _progress(batches: Iterable, desc: str, show: bool) -> tqdm:
 
 def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: torch.optim.Optimizer,
                     weights: LossWeights, *, update_every: int = 1, device: torch.device | str = "cpu",
-                    desc: str = "train", progress: bool = True) -> EpochResult:
+                    desc: str = "train", progress: bool = True, speed: SpeedConfig | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> EpochResult:
     """One pass; gradients accumulate over ``update_every`` mini-batches (summed, as the authors) and the epoch's
-    last partial group is stepped too."""
+    last partial group is stepped too. ``scaler`` scales the loss for fp16."""
+    speed = speed or SpeedConfig()
+    scaler = scaler or torch.amp.GradScaler(torch.device(device).type, enabled=speed.precision == "fp16")
     model.train()
     total_loss = torch.zeros((), device=device)
     pred_loss = torch.zeros((), device=device)
@@ -109,12 +135,16 @@ def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: 
     optimizer.zero_grad(set_to_none=True)
     i = -1
     for i, batch in enumerate(bar):
-        batch = batch.to(device)
-        out = compute_loss(model, batch, weights)
-        out.total.backward()
+        batch = speed.prepare(batch, device)
+        with speed.autocast(device):
+            out = compute_loss(model, batch, weights)
+        scaler.scale(out.total).backward()
         if (i + 1) % update_every == 0 or (n_batches is not None and i + 1 == n_batches):
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
+        if speed.sync_every_step:
+            out.total.item()
         total_loss += out.total.detach()
         pred_loss += out.terms["pred_incomplete"].detach()
         preds.append(out.pred.detach())
@@ -122,7 +152,8 @@ def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: 
         if progress and i % 10 == 0:
             bar.set_postfix(loss=f"{out.total.item():.4f}")
     if n_batches is None and (i + 1) % update_every:
-        optimizer.step()  # unsized iterable: flush the last partial group
+        scaler.step(optimizer)  # unsized iterable: flush the last partial group
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
     return _epoch_result(total_loss, pred_loss, i + 1, preds, labels)
 
@@ -130,15 +161,19 @@ def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: 
 @torch.no_grad()
 def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeights, *,
              device: torch.device | str = "cpu", desc: str = "eval", progress: bool = True,
-             keep_features: bool = False) -> EpochResult:
+             keep_features: bool = False, speed: SpeedConfig | None = None) -> EpochResult:
     """Same loss as training, in eval mode; predictions are the incomplete view's."""
+    speed = speed or SpeedConfig()
     model.eval()
     total_loss = torch.zeros((), device=device)
     pred_loss = torch.zeros((), device=device)
     preds, labels, feats = [], [], []
     for batch in _progress(batches, desc, progress):
-        batch = batch.to(device)
-        out: LossOutput = compute_loss(model, batch, weights)
+        batch = speed.prepare(batch, device)
+        with speed.autocast(device):
+            out: LossOutput = compute_loss(model, batch, weights)
+        if speed.sync_every_step:
+            out.total.item()
         total_loss += out.total
         pred_loss += out.terms["pred_incomplete"]
         preds.append(out.pred)
@@ -147,7 +182,7 @@ def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeigh
             feats.append({**out.view.utterance, "fusion": out.view.context})
     result = _epoch_result(total_loss, pred_loss, len(preds), preds, labels)
     if keep_features:
-        result.features = {k: torch.cat([f[k] for f in feats]).cpu() for k in feats[0]}
+        result.features = {k: torch.cat([f[k] for f in feats]).float().cpu() for k in feats[0]}
     return result
 
 
@@ -176,18 +211,20 @@ def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: It
         optimizer: torch.optim.Optimizer, weights: LossWeights, metric_fn: MetricFn, key_metric: str = "Loss",
         minimize: bool = True, early_stop: int = 8, max_epochs: int | None = None, update_every: int = 1,
         save_path: Path, checkpoint_prefix: str = "", device: torch.device | str = "cpu", progress: bool = True,
-        logger: logging.Logger | None = None,
+        logger: logging.Logger | None = None, speed: SpeedConfig | None = None,
         on_epoch_end: Callable[[int, dict[str, float], dict[str, float]], None] | None = None) -> FitResult:
     """Trains until ``key_metric`` on the validation set has not improved for ``early_stop`` epochs (or
     ``max_epochs``); the best weights are saved to ``save_path`` and loaded back into ``model`` at the end."""
     log = logger or logging.getLogger(__name__)
+    speed = speed or SpeedConfig()
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=speed.precision == "fp16")
     best_value, best_epoch, epoch, history = math.inf if minimize else -math.inf, 0, 0, []
     while max_epochs is None or epoch < max_epochs:
         epoch += 1
         train = train_one_epoch(model, train_batches, optimizer, weights, update_every=update_every, device=device,
-                                desc=f"epoch {epoch} train", progress=progress)
+                                desc=f"epoch {epoch} train", progress=progress, speed=speed, scaler=scaler)
         valid = evaluate(model, valid_batches, weights, device=device, desc=f"epoch {epoch} valid",
-                         progress=progress)
+                         progress=progress, speed=speed)
         if not math.isfinite(train.loss):
             raise FloatingPointError(f"the training loss became {train.loss} in epoch {epoch}; check the input "
                                      "features for extreme values and lower the learning rates")
