@@ -381,9 +381,9 @@ class EMTDLFRTrainer:
         logger.info(f"{mode}-({self.args['model_name']}) >> {dict_to_str(results)}")
         if return_sample_results:
             f = {k: v.numpy() for k, v in out.features.items()}
+            names = {"text": "Feature_t", "audio": "Feature_a", "vision": "Feature_v", "fusion": "Feature_f"}
             results.update(Ids=list(batches.ids), SResults=out.preds.numpy().tolist(), Labels=out.labels.tolist(),
-                           Features={"Feature_t": f["text"], "Feature_a": f["audio"], "Feature_v": f["vision"],
-                                     "Feature_f": f["fusion"]})
+                           Features={names[k]: v for k, v in f.items()})
         return results
 
 
@@ -545,9 +545,10 @@ class AMIO(_MMSA_AMIO):
         config = model_config_from_args(args)
         self.Model = get_builder(args["model_name"])(config)
         text_out = args.get("text_out")
-        if text_out is not None and int(text_out) != self.Model.utterance_dims["text"]:
+        width = self.Model.utterance_dims.get("text")
+        if text_out is not None and width is not None and int(text_out) != width:
             logger.info(f"text_out={text_out} in the config; the text width follows the loaded encoder: "
-                        f"{self.Model.utterance_dims['text']}")
+                        f"{width}")
 
 
 class ATIO(_MMSA_ATIO):
