@@ -212,23 +212,13 @@ def _check_nonneg_ints(
     values: np.ndarray, ctx: _Ctx, split: str, key: str, what: str
 ) -> None:
     """``values`` (N, L): finite non-negative integers (integral floats allowed)."""
-    if values.dtype.kind == "f":
-        bad = values != np.floor(values)
-        if bad.any():
+    rules = [("integers", values != np.floor(values) if values.dtype.kind == "f" else None),
+             ("non-negative", values < 0)]
+    for rule, bad in rules:
+        if bad is not None and bad.any():
             i = _first(bad)
-            raise ctx.error(
-                f"{what} must be integers; sample {i} has value {values[i][bad[i]][0].item()!r}",
-                split,
-                key,
-            )
-    bad = values < 0
-    if bad.any():
-        i = _first(bad)
-        raise ctx.error(
-            f"{what} must be non-negative; sample {i} has value {values[i][bad[i]][0].item()!r}",
-            split,
-            key,
-        )
+            raise ctx.error(f"{what} must be {rule}; sample {i} has value {values[i][bad[i]][0].item()!r}",
+                            split, key)
 
 
 def _shape_str(shape: Sequence[Any]) -> str:
