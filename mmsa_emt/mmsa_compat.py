@@ -6,7 +6,9 @@ builds its model and trainer maps inside ``AMIO.__init__``/``ATIO.__init__`` and
 subclasses/wrappers that know our models is enough. The same globals carry the mends MMSA 2.2.1 needs today:
 no ``torch.cuda.set_device`` on a CPU device, plain numbers (not ``np.float64(...)`` text) in the results CSV under
 numpy 2, config paths relative to the config file, feature files checked before use, per-seed checkpoints that
-never overwrite earlier ones, and one set of log handlers however often ``MMSA_run`` is called.
+never overwrite earlier ones, one set of log handlers however often ``MMSA_run`` is called, datasets beyond MMSA's
+three (``mmsa_emt.metrics``), and MMSA's own baselines made to run offline with a local encoder of any width.
+It also runs one train-and-test trial at given missing rates for ``mmsa_emt.robustness``.
 """
 
 from __future__ import annotations
