@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import time
@@ -143,23 +144,15 @@ def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
             header = next(csv.reader(f))
         if header != columns:
             raise ValueError(f"{path} has other columns than this sweep writes; use another --out folder")
-    lines = []
-    writer = csv.writer(_Lines(lines))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
     if new:
         writer.writerow(columns)
     for row in rows:
         writer.writerow([row[c] for c in columns])
     with open(path, "a", newline="") as f:
-        f.write("".join(lines))
+        f.write(buffer.getvalue())
         f.flush()
-
-
-class _Lines:
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
-
-    def write(self, text: str) -> None:
-        self.lines.append(text)
 
 
 def _done_keys(frame: pd.DataFrame) -> set[tuple]:
