@@ -78,6 +78,7 @@ def make_batches(shape: dict, n: int, quick: bool):
 
 def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str) -> dict:
     """One (shape, mode) measurement; runs in its own process."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmsa_emt import EMTDLFR, EMTDLFRConfig, LossWeights, compute_loss
@@ -121,7 +122,8 @@ def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str) -
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     model.train()
     batch = speed.prepare(batches[0], device)
-    with FlopCounterMode(display=False) as counter, speed.autocast(device):
+    # the math backend breaks attention into counted matmuls (fused CPU kernels are not counted)
+    with FlopCounterMode(display=False) as counter, speed.autocast(device), sdpa_kernel(SDPBackend.MATH):
         compute_loss(model, batch, weights).total.backward()
     b = shape["batch"]
     return {"shape": shape_name, "mode": mode, "device": device, "precision": precision,
