@@ -50,11 +50,11 @@ def drop_split(split: dict[str, Any], rates: Sequence[float], seeds: Sequence[in
     out["text_bert"] = np.concatenate([ids[:, None], text_bert[:, 1:]], axis=1).astype(np.float32)
     if "text" in split:  # token features of non-BERT models, aligned with the BERT tokens
         text = np.asarray(split["text"], dtype=np.float32)
-        out["text"] = text * keep[:, : text.shape[1], None]
+        out["text"] = (text * keep[:, : text.shape[1], None]).astype(np.float32)
     for key, rate, seed in zip(MODALITY_KEYS[1:], rates[1:], seeds[1:]):
         values = np.asarray(split[key], dtype=np.float32)
         valid = frame_mask(split[f"{key}_lengths"], values.shape[1])
-        out[key] = values * keep_mask(valid, rate, seed)[..., None]
+        out[key] = (values * keep_mask(valid, rate, seed)[..., None]).astype(np.float32)
     return out
 
 
