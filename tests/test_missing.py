@@ -32,7 +32,7 @@ def test_same_masks_as_mmsa_data_missing(feature_file, rates):
         np.testing.assert_array_equal(derived[split]["text_bert"], mmsa.text_m)
         np.testing.assert_array_equal(derived[split]["audio"], mmsa.audio_m)
         np.testing.assert_array_equal(derived[split]["vision"], mmsa.vision_m)
-        assert {derived[split][k].dtype for k in ("text_bert", "text", "audio", "vision")} == {np.float32}
+        assert {derived[split][k].dtype for k in ("text_bert", "text", "audio", "vision")} == {np.dtype("float32")}
 
 
 def test_text_features_follow_the_token_mask(feature_file):
