@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "config_regression.json"
+from .demo import DEFAULT_CONFIG
+
 BERT_BASE_VOCAB = {"bert-base-uncased": 30522, "bert-base-chinese": 21128}
 FEATURE_DIMS = {"mosi": [768, 5, 20], "mosei": [768, 74, 35], "sims": [768, 33, 709]}  # MMSA's feature files
 

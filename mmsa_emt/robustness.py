@@ -57,8 +57,13 @@ def default_rates(dataset: str) -> list[float]:
     return [round(r, 1) for r in np.arange(0.0, top + 1e-9, 0.1)]
 
 
+def metrics_for(dataset: str) -> list[tuple[str, str, float]]:
+    """The paper's metric layout for ``dataset`` (MOSI's for a dataset not listed)."""
+    return METRICS.get(dataset, METRICS["mosi"])
+
+
 def metric_columns(dataset: str) -> list[str]:
-    return [key for key, _, _ in METRICS.get(dataset, METRICS["mosi"])] + ["Loss"]
+    return [key for key, _, _ in metrics_for(dataset)] + ["Loss"]
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,7 @@ def run_trial(spec: TrialSpec, config_file: str | Path, *, out_dir: str | Path, 
     digest = config_hash(spec.model, spec.dataset, config_file, overrides)
     rows = []
     for rates, metrics in zip(spec.test_rates, results):
-        row = dict(zip(KEY_COLUMNS, [mmsa_compat.display_name(spec.model), spec.dataset, spec.protocol,
-                                     *spec.train_rates, *rates, spec.seed, digest]))
+        row = dict(zip(KEY_COLUMNS, _key_values(spec, rates, digest)))
         row.update({k: metrics.get(k, math.nan) for k in metric_columns(spec.dataset)})
         row.update(checkpoint=str(checkpoint), seconds=seconds, finished_at=finished)
         rows.append(row)
@@ -161,10 +165,15 @@ def _done_keys(frame: pd.DataFrame) -> set[tuple]:
     return {tuple(row) for row in frame[KEY_COLUMNS].astype(str).itertuples(index=False)}
 
 
+def _key_values(spec: TrialSpec, rates: Rates, digest: str) -> list[Any]:
+    """The KEY_COLUMNS values of one result row."""
+    return [mmsa_compat.display_name(spec.model), spec.dataset, spec.protocol, *map(float, spec.train_rates),
+            *map(float, rates), spec.seed, digest]
+
+
 def _row_keys(spec: TrialSpec, digest: str) -> list[tuple]:
-    name = mmsa_compat.display_name(spec.model)
-    return [tuple(str(v) for v in [name, spec.dataset, spec.protocol, *map(float, spec.train_rates),
-                                   *map(float, rates), spec.seed, digest]) for rates in spec.test_rates]
+    """The rows a finished trial left in the results CSV, as strings (how they read back)."""
+    return [tuple(map(str, _key_values(spec, rates, digest))) for rates in spec.test_rates]
 
 
 @dataclass
@@ -212,7 +221,7 @@ def sweep(models: str | Sequence[str], dataset: str, config_file: str | Path, *,
 
 def summarize(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:
     """Mean and std over seeds per (model, protocol, rates), in the paper's units."""
-    scales = {key: scale for key, _, scale in METRICS.get(dataset, METRICS["mosi"])}
+    scales = {key: scale for key, _, scale in metrics_for(dataset)}
     metrics = [m for m in scales if m in frame]
     scaled = frame.assign(**{m: frame[m] * scales[m] for m in metrics})
     groups = scaled.groupby(["model", "protocol", "rate_t", "rate_a", "rate_v"], sort=True)[metrics]
@@ -236,7 +245,7 @@ def auilc_table(summary: pd.DataFrame, dataset: str) -> pd.DataFrame:
         rates = group.rate_t.to_numpy()
         row = {"model": model, "protocol": protocol,
                "rates": f"{rates.min():g}-{rates.max():g} ({len(rates)} rates)"}
-        for key, label, _ in METRICS.get(dataset, METRICS["mosi"]):
+        for key, label, _ in metrics_for(dataset):
             if key in group:
                 row[label] = auilc(rates, group[key].to_numpy())
         rows.append(row)
@@ -260,7 +269,7 @@ def plot_curves(summary: pd.DataFrame, dataset: str, protocol: str, path: Path) 
 
     data = summary[(summary.protocol == protocol) & (summary.rate_t == summary.rate_a)
                    & (summary.rate_a == summary.rate_v)]
-    metrics = [(k, label) for k, label, _ in METRICS.get(dataset, METRICS["mosi"]) if k in data]
+    metrics = [(k, label) for k, label, _ in metrics_for(dataset) if k in data]
     cols = 4 if len(metrics) > 6 else 3
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
@@ -300,7 +309,7 @@ def report(out_dir: str | Path, dataset: str, *, echo: Callable[[str], None] = p
         files[f"plot {protocol}"] = plot_curves(summary, dataset, protocol, out_dir / f"robustness_{stem}.png")
         echo(f"\n{dataset.upper()} [{protocol}] metric per missing rate (mean over seeds; accuracies and F1 in %):")
         cols = ["model", "rate_t", "rate_a", "rate_v", "seeds",
-                *[k for k, _, _ in METRICS.get(dataset, METRICS["mosi"]) if k in part]]
+                *[k for k, _, _ in metrics_for(dataset) if k in part]]
         echo(part[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         auilc_part = table[table.protocol == protocol] if not table.empty else table
         if not auilc_part.empty:
