@@ -66,6 +66,43 @@ def test_fused_and_explicit_attention_agree():
         torch.testing.assert_close(x[m], y[m], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mpu_share,layer_share", list(itertools.product([True, False], repeat=2)))
+def test_stacked_modalities_compute_what_the_loop_computes(mpu_share, layer_share):
+    """One fusion call over the modalities padded and stacked along the batch = one call per modality: same
+    outputs at valid steps and the same gradients for every parameter and input (float64, training mode with
+    dropout off)."""
+    kwargs = dict(depth=3, heads=4, mpu_share=mpu_share, layer_share=layer_share, modality_share=True)
+    loop = EMT(16, **kwargs).double().train()
+    stacked = EMT(16, stack_modalities=True, **kwargs).double().train()
+    stacked.load_state_dict(loop.state_dict())
+    results = []
+    for emt in (loop, stacked):
+        context, local, masks = inputs()
+        context = context.double().requires_grad_()
+        local = [x.double().requires_grad_() for x in local]
+        out_context, out_local = emt(context, list(local), masks)
+        loss = out_context.square().sum() + sum((y * m[..., None]).sum() for y, m in zip(out_local, masks))
+        loss.backward()
+        results.append((out_context, out_local, context.grad, [x.grad for x in local],
+                        {n: p.grad for n, p in emt.named_parameters()}))
+    (c1, l1, gc1, gl1, gp1), (c2, l2, gc2, gl2, gp2) = results
+    torch.testing.assert_close(c2, c1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gc2, gc1, rtol=1e-10, atol=1e-10)
+    for a, b, m in zip(l2, l1, inputs()[2]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a[m], b[m], rtol=1e-10, atol=1e-10)
+    for a, b in zip(gl2, gl1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert gp1.keys() == gp2.keys()
+    for name in gp1:
+        torch.testing.assert_close(gp2[name], gp1[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_stacking_needs_modality_sharing():
+    assert EMT(16, depth=1, heads=4, stack_modalities=True).stack_modalities
+    assert not EMT(16, depth=1, heads=4, modality_share=False, stack_modalities=True).stack_modalities
+
+
 def test_unshared_copies_start_identical_like_the_authors():
     emt = EMT(8, depth=2, heads=2, mpu_share=False, modality_share=False, layer_share=False)
     first, second = emt.layers[0][0][0], emt.layers[1][2][1]
