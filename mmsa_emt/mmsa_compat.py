@@ -147,6 +147,8 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         predictor_dims={"context": r("gmc_tokens_pred_dim"), "text": r("text_pred_dim"),
                         "audio": r("audio_pred_dim"), "vision": r("video_pred_dim")},
         fused_attention=bool(args.get("fused_attention", True)), fused_views=bool(args.get("fused_views", True)),
+        stack_modalities=bool(_auto(args, "stack_modalities", default=False, on_cuda=True, on_cpu=False)),
+        packed_lstm=bool(args.get("packed_lstm", False)),
         modalities=tuple(args.get("modalities") or MODALITIES),
     )
 
@@ -159,12 +161,19 @@ def optim_config_from_args(args: Mapping[str, Any]) -> OptimConfig:
                        wd_vision=r("weight_decay_video"), wd_other=r("weight_decay_other"))
 
 
+def _auto(args: Mapping[str, Any], key: str, *, default: Any, on_cuda: Any, on_cpu: Any) -> Any:
+    """A config value that may be 'auto': then ``on_cuda`` when the run's device is CUDA, else ``on_cpu``."""
+    value = args.get(key, default)
+    if value != "auto":
+        return value
+    return on_cuda if torch.device(args.get("device", "cpu")).type == "cuda" else on_cpu
+
+
 def speed_config_from_args(args: Mapping[str, Any]) -> SpeedConfig:
-    """``precision`` (fp32 | bf16 | fp16; 'auto' = bf16 on CUDA, fp32 elsewhere), ``trim_padding``."""
-    precision = str(args.get("precision", "fp32"))
-    if precision == "auto":
-        precision = "bf16" if torch.device(args.get("device", "cpu")).type == "cuda" else "fp32"
-    return SpeedConfig(trim_padding=bool(args.get("trim_padding", True)), precision=precision)
+    """``precision`` (fp32 | bf16 | fp16; 'auto' = bf16 on CUDA, fp32 elsewhere), ``trim_padding``, ``compile``."""
+    precision = str(_auto(args, "precision", default="fp32", on_cuda="bf16", on_cpu="fp32"))
+    return SpeedConfig(trim_padding=bool(args.get("trim_padding", True)), precision=precision,
+                       compile=bool(args.get("compile", False)))
 
 
 def loss_weights_from_args(args: Mapping[str, Any]) -> LossWeights:
@@ -363,6 +372,7 @@ class EMTDLFRTrainer:
                 history["valid"].append(valid)
                 history["test"].append(self.do_test(model, dataloader["test"], mode="TEST"))
 
+        self.speed.prepare_model(net)
         result = fit(net, _Batches(dataloader["train"]), _Batches(dataloader["valid"]),
                      optimizer=build_optimizer(net, optim_config_from_args(args)), weights=self.weights,
                      metric_fn=self.metrics, key_metric=self.key_metric, minimize=self.key_metric in MINIMIZED_KEYS,

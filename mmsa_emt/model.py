@@ -62,6 +62,8 @@ class EMTDLFRConfig:
         default_factory=lambda: {"context": 128, "text": 256, "audio": 8, "vision": 16})
     fused_attention: bool = True  # PyTorch's scaled-dot-product kernel; False: explicit score matrices
     fused_views: bool = True  # complete and incomplete view in one pass (False: two passes, as the authors)
+    stack_modalities: bool = False  # with modality_share: one fusion call for all modalities (nn.emt.EMT)
+    packed_lstm: bool = False  # True: LSTMs over packed sequences, as the authors (nn.encoders.SequenceEncoder)
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
 
@@ -105,10 +107,12 @@ class EMTDLFR(nn.Module):
             self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert)
         if "audio" in self.modalities:
             self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
-                                                 num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout)
+                                                 num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout,
+                                                 packed=c.packed_lstm)
         if "vision" in self.modalities:
             self.vision_encoder = SequenceEncoder(c.vision_dim, c.vision_hidden, c.vision_out,
-                                                  num_layers=c.vision_lstm_layers, dropout=c.vision_lstm_dropout)
+                                                  num_layers=c.vision_lstm_layers, dropout=c.vision_lstm_dropout,
+                                                  packed=c.packed_lstm)
         widths = self.utterance_dims
         self.projections = nn.ModuleDict({  # bias-free, Identity where the width already is d_model
             m: nn.Linear(w, c.d_model, bias=False) if w != c.d_model else nn.Identity() for m, w in widths.items()})
@@ -116,7 +120,8 @@ class EMTDLFR(nn.Module):
                        ff_expansion=c.ff_expansion, attn_dropout=c.attn_dropout, ff_dropout=c.ff_dropout,
                        emb_dropout=c.emb_dropout, learnable_pos_emb=c.learnable_pos_emb, max_seq_len=c.max_seq_len,
                        mpu_share=c.mpu_share, modality_share=c.modality_share, layer_share=c.layer_share,
-                       pool_activation=c.pool_activation, fused=c.fused_attention)
+                       pool_activation=c.pool_activation, fused=c.fused_attention,
+                       stack_modalities=c.stack_modalities)
         context_dim = len(self.modalities) * c.d_model
         self.head = nn.Sequential(
             nn.Dropout(c.post_fusion_dropout),

@@ -130,10 +130,16 @@ class TwoViewBatch:
         return TwoViewBatch(**values)
 
     def to(self, device: torch.device | str) -> TwoViewBatch:
-        """Moves the tensors to ``device``; lengths stay on the CPU (packed LSTMs want them there)."""
+        """Moves the tensors to ``device``; lengths stay on the CPU (packed LSTMs want them there).
+
+        Towards CUDA the host tensors go through pinned memory, so the copies run without blocking the host.
+        """
+        pin = torch.device(device).type == "cuda"
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if not name.endswith("_lengths"):
+                if pin and value.device.type == "cpu":
+                    value = value.contiguous().pin_memory()
                 moved[name] = value.to(device, non_blocking=True)
         return TwoViewBatch(**moved)
 

@@ -38,10 +38,11 @@ class OptimConfig:
     wd_other: float = 1e-3
 
 
-def build_optimizer(model: EMTDLFR, config: OptimConfig) -> torch.optim.Adam:
+def build_optimizer(model: EMTDLFR, config: OptimConfig, *, fused: bool | None = None) -> torch.optim.Adam:
     """Adam with five groups: BERT with decay, BERT bias/LayerNorm without, audio LSTM, vision LSTM, the rest.
 
-    Asserts that every trainable parameter is in exactly one group.
+    Asserts that every trainable parameter is in exactly one group. ``fused`` (default: when every parameter is
+    on CUDA) updates all parameters in a few fused kernels instead of several per tensor: same update rule.
     """
     groups: dict[str, list[torch.nn.Parameter]] = {"bert": [], "bert_no_decay": [], "audio": [], "vision": [],
                                                    "other": []}
@@ -63,8 +64,10 @@ def build_optimizer(model: EMTDLFR, config: OptimConfig) -> torch.optim.Adam:
     c = config
     settings = {"bert": (c.lr_bert, c.wd_bert), "bert_no_decay": (c.lr_bert, 0.0), "audio": (c.lr_audio, c.wd_audio),
                 "vision": (c.lr_vision, c.wd_vision), "other": (c.lr_other, c.wd_other)}
+    if fused is None:
+        fused = all(p.is_cuda for params in groups.values() for p in params)
     return torch.optim.Adam([{"params": groups[k], "lr": lr, "weight_decay": wd, "name": k}
-                             for k, (lr, wd) in settings.items() if groups[k]])
+                             for k, (lr, wd) in settings.items() if groups[k]], fused=fused or None)
 
 
 @dataclass
@@ -74,6 +77,7 @@ class SpeedConfig:
     trim_padding: bool = True  # cut each batch to its longest sequences before the encoders
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass (fp16 with loss scaling)
     sync_every_step: bool = False  # read the loss back to the host each step, as the authors' loop does
+    compile: bool = False  # torch.compile the text encoder and the fusion (compile_model)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -85,6 +89,21 @@ class SpeedConfig:
 
     def prepare(self, batch: TwoViewBatch, device: torch.device | str) -> TwoViewBatch:
         return (batch.trimmed() if self.trim_padding else batch).to(device)
+
+    def prepare_model(self, model: EMTDLFR) -> EMTDLFR:
+        return compile_model(model) if self.compile else model
+
+
+def compile_model(model: EMTDLFR, *, backend: str = "inductor") -> EMTDLFR:
+    """Compiles, in place, the parts made of many small kernels: the text encoder and the EMT fusion.
+
+    Shapes are marked dynamic (trimmed batches vary in length), the LSTMs stay eager (packed sequences), and the
+    state dict keeps its keys. Compilation happens on the first batches, so the first steps are slow.
+    """
+    for part in ("text_encoder", "emt"):
+        if hasattr(model, part):
+            getattr(model, part).compile(dynamic=True, backend=backend)
+    return model
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import MMSA
 import pytest
+import torch
 from conftest import REPO
 
-from mmsa_emt.mmsa_compat import load_config, model_config_from_args, optim_config_from_args
+from mmsa_emt.mmsa_compat import load_config, model_config_from_args, optim_config_from_args, speed_config_from_args
 
 REGRESSION, TUNE = REPO / "config" / "config_regression.json", REPO / "config" / "config_tune.json"
 DATASETS = ("mosi", "mosei", "sims")
@@ -42,6 +43,19 @@ def test_emt_dlfr_regression_config_has_the_paper_values(dataset):
     assert args["model_name"] == "emt-dlfr"
     model_config_from_args({**args, "feature_dims": [768, 5, 20]})  # every key the model needs is there
     optim_config_from_args(args)
+
+
+@pytest.mark.parametrize("device,stacked,precision", [("cpu", False, "fp32"), ("cuda:0", True, "fp32")])
+def test_shipped_speed_settings_resolve_per_device(device, stacked, precision):
+    """Fast mode by default; 'auto' levers follow the run's device (stacking pays on CUDA, costs on a CPU)."""
+    args = {**load_config("EMT-DLFR", "mosi", REGRESSION), "feature_dims": [768, 5, 20], "device": torch.device(device)}
+    config = model_config_from_args(args)
+    assert (config.fused_attention, config.fused_views, config.packed_lstm) == (True, True, False)
+    assert config.stack_modalities is stacked
+    speed = speed_config_from_args(args)
+    assert (speed.trim_padding, speed.precision, speed.compile) == (True, precision, False)
+    assert speed_config_from_args({**args, "precision": "auto"}).precision == ("bf16" if stacked else "fp32")
+    assert model_config_from_args({**args, "stack_modalities": False}).stack_modalities is False
 
 
 @pytest.mark.parametrize("dataset", DATASETS)

@@ -28,12 +28,14 @@ def padded_batch(b: int, dtype: torch.dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fast_mode_computes_what_the_baseline_mode_computes(tiny_config, dtype):
-    """Fast: fused attention kernel, both views in one pass, padding trimmed. Baseline: explicit attention
-    matrices, two passes, full padding (the authors' way). In float64 losses and every gradient agree to 1e-9;
-    in float32 the losses agree to 1e-5 (the gradients of this tiny random model are too ill-conditioned by the
-    BatchNorm heads, whose batch variance of near-identical [CLS] vectors is tiny, to compare at 1e-5)."""
+    """Fast: fused attention kernel, both views in one pass, padding trimmed, LSTMs over the padded batch.
+    Baseline: explicit attention matrices, two passes, full padding, packed LSTMs (the authors' way). In float64
+    losses and every gradient agree to 1e-9; in float32 the losses agree to 1e-5 (the gradients of this tiny
+    random model are too ill-conditioned by the BatchNorm heads, whose batch variance of near-identical [CLS]
+    vectors is tiny, to compare at 1e-5; benchmarks/check_cuda.py compares them at bert-base size)."""
     torch.manual_seed(0)
-    baseline = EMTDLFR(tiny_config(fused_attention=False, fused_views=False)).train().to(dtype)
+    baseline = EMTDLFR(tiny_config(fused_attention=False, fused_views=False, packed_lstm=True)).train()
+    baseline = baseline.to(dtype)
     fast = EMTDLFR(tiny_config(fused_attention=True, fused_views=True)).train().to(dtype)
     fast.load_state_dict(baseline.state_dict())
     for model in (baseline, fast):  # training mode (BatchNorm on batch statistics) without BERT's dropout
@@ -66,3 +68,74 @@ def test_bf16_autocast_runs_on_cpu(tiny_config):
         out = compute_loss(model, random_batch(3), LossWeights())
     out.total.backward()
     assert torch.isfinite(out.total)
+
+
+def test_stacked_modalities_in_the_full_model(tiny_config):
+    """The stacked fusion inside the network: same losses and gradients as the per-modality loop (float64)."""
+    torch.manual_seed(0)
+    loop = EMTDLFR(tiny_config(fused_views=True)).train().double()
+    stacked = EMTDLFR(tiny_config(fused_views=True, stack_modalities=True)).train().double()
+    stacked.load_state_dict(loop.state_dict())
+    for model in (loop, stacked):
+        model.text_encoder.eval()
+    batch = padded_batch(8, torch.float64)
+    ref_terms, ref_grads = losses_and_grads(loop, batch)
+    terms, grads = losses_and_grads(stacked, batch)
+    for key, value in ref_terms.items():
+        torch.testing.assert_close(terms[key], value, rtol=1e-9, atol=1e-9, msg=key)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-7, atol=1e-9, msg=name)
+
+
+def test_compiled_model_computes_the_same_and_keeps_its_state_dict(tiny_config):
+    """``compile: true`` compiles the encoder and the fusion in place: same losses and gradients, same state-dict
+    keys (checkpoints stay interchangeable), and a batch of other lengths runs without error. Traced through
+    TorchDynamo and AOTAutograd with the 'aot_eager' backend: Inductor's code generation takes minutes on 2 CPU
+    cores (benchmarks/bench_train.py measures the real thing). Audio and vision only: tracing BERT takes 40 s."""
+    from mmsa_emt.trainer import compile_model
+
+    torch.manual_seed(0)
+    config = tiny_config(stack_modalities=True, modalities=("audio", "vision"))
+    eager, compiled = EMTDLFR(config).train(), EMTDLFR(config).train()
+    compiled.load_state_dict(eager.state_dict())
+    keys = list(compiled.state_dict())
+    compile_model(compiled, backend="aot_eager")
+    assert list(compiled.state_dict()) == keys
+    batch = padded_batch(8, torch.float32)
+    ref_terms, ref_grads = losses_and_grads(eager, batch)
+    terms, grads = losses_and_grads(compiled, batch)
+    for key, value in ref_terms.items():
+        torch.testing.assert_close(terms[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    other = random_batch(8, text_len=9, audio_len=7, vision_len=13, seed=3)
+    assert torch.isfinite(compute_loss(compiled, other, LossWeights()).total)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_padded_lstm_computes_what_the_packed_lstm_computes(layers):
+    """Same local sequence (zeros at padded steps before the Linear), same utterance vector, same gradients of
+    every weight and of the input, for lengths from 1 to the full width (float64)."""
+    from mmsa_emt.nn.encoders import SequenceEncoder
+
+    torch.manual_seed(0)
+    packed = SequenceEncoder(5, 8, 4, num_layers=layers, packed=True).double()
+    padded = SequenceEncoder(5, 8, 4, num_layers=layers, packed=False).double()
+    padded.load_state_dict(packed.state_dict())
+    lengths = torch.tensor([7, 1, 4, 7, 2])
+    x = torch.randn(5, 9, 5, dtype=torch.float64)  # two columns beyond the longest sequence
+    results = []
+    for encoder in (packed, padded):
+        inputs = x.clone().requires_grad_()
+        local, utterance = encoder(inputs, lengths)
+        (local.square().sum() + utterance.sin().sum()).backward()
+        results.append((local, utterance, inputs.grad, {n: p.grad for n, p in encoder.named_parameters()}))
+    (l1, u1, gx1, gp1), (l2, u2, gx2, gp2) = results
+    assert l1.shape == l2.shape == (5, 7, 4)
+    torch.testing.assert_close(l2, l1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(u2, u1, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx2, gx1, rtol=1e-10, atol=1e-12)
+    for name, grad in gp1.items():
+        torch.testing.assert_close(gp2[name], grad, rtol=1e-10, atol=1e-12, msg=name)
