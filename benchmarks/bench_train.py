@@ -1,55 +1,85 @@
-"""Training and evaluation speed and memory of EMT-DLFR: faithful baseline mode against fast mode, in one run.
+"""Training and evaluation speed and memory of EMT-DLFR: faithful baseline mode against fast modes, in one run.
 
     python benchmarks/bench_train.py [--quick] [--shapes mosi mosei] [--device auto|cpu|cuda]
+                                     [--modes baseline fast ...] [--profile] [--out saved_results/bench_train.json]
 
-Baseline mode computes the way the authors' code does: fp32, explicit attention score matrices, the complete and
-incomplete views in two encoder passes, full padding, the loss read back to the host every step. Fast mode: fused
-scaled-dot-product attention, both views in one pass, each batch cut to its longest sequences, bf16 autocast on
-CUDA (fp32 on the CPU), no per-step host sync. Both train the same network (a bert-base-sized encoder with random
-weights built locally: the same compute as the real one) on synthetic data of the dataset's shape
-(``mmsa_emt.synthetic``) with half of every modality missing (MMSA's draw, ``mmsa_emt.missing``).
+Modes (``MODES``; each is a set of config switches, see the README's speed section):
+
+* ``baseline`` computes the way the authors' code does: fp32, explicit attention score matrices, the complete and
+  incomplete views in two encoder passes, LSTMs over packed sequences, full padding, per-tensor Adam, the loss
+  read back to the host every step;
+* ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over
+  the padded batch (``packed_lstm: false``), each batch cut to its longest sequences, no per-step host sync, fused
+  Adam on CUDA; on CUDA also bf16 autocast (``precision: auto``) and the three modalities stacked into one fusion
+  call (``stack_modalities: auto``);
+* variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-nostack``
+  (stacking on / off whatever the device), ``fast-packed`` (packed LSTMs), ``fast-compile`` (``torch.compile``
+  of the text encoder and the fusion).
+
+Both train the same network (a bert-base-sized encoder with random weights built locally: the same compute as the
+real one) on synthetic data of the dataset's shape (``mmsa_emt.synthetic``) with half of every modality missing
+(MMSA's draw, ``mmsa_emt.missing``).
 
 Each (shape, mode) runs in a fresh subprocess so that its peak memory is its own: CUDA max allocated, or the
 process's peak RSS on the CPU. A training step is forward (both views, every loss), backward and the optimizer
-step with the configured gradient accumulation; times are medians over repeats after a warm-up. FLOPs per sample
-are counted with ``torch.utils.flop_counter`` on one training step; on CUDA the achieved model FLOP/s is compared
-with the card's bf16 peak.
+step with the configured gradient accumulation (4, the authors' ``update_epochs``); times are medians over repeats
+after a warm-up pass (which also compiles, for ``fast-compile``). FLOPs per sample are counted with
+``torch.utils.flop_counter`` on one training step under the math attention backend (it decomposes attention into
+counted matmuls; fused kernels are not counted), after the peak memory is read; on CUDA the achieved model
+FLOP/s is compared with the card's bf16 peak. On CUDA the fast modes also count host synchronisations in one
+training step (``torch.cuda.set_sync_debug_mode``), and ``--profile`` writes the top kernels and the GPU's busy
+share of a step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from workspace import bert_base
 
 SHAPES = {  # text tokens, (frames, features) of audio and vision: MMSA's unaligned feature files
     "mosi": {"text": 50, "audio": (375, 5), "vision": (500, 20), "batch": 32},
     "mosei": {"text": 50, "audio": (500, 74), "vision": (500, 35), "batch": 16},
 }
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
-MODES = ("baseline", "fast")
+FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto", "packed_lstm": False,
+        "trim_padding": True, "precision": "auto", "sync_every_step": False, "fused_adam": None, "compile": False}
+MODES = {
+    "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": False, "packed_lstm": True,
+                 "trim_padding": False, "precision": "fp32", "sync_every_step": True, "fused_adam": False,
+                 "compile": False},
+    "fast": FAST,
+    "fast-fp32": {**FAST, "precision": "fp32"},
+    "fast-stack": {**FAST, "stack_modalities": True},
+    "fast-nostack": {**FAST, "stack_modalities": False},
+    "fast-packed": {**FAST, "packed_lstm": True},
+    "fast-compile": {**FAST, "compile": True},
+}
+AUTO = {"precision": ("bf16", "fp32"), "stack_modalities": (True, False)}  # 'auto' on CUDA, elsewhere
 
 
-def make_batches(shape: dict, n: int, quick: bool):
+def make_batches(shape: dict, n: int, quick: bool, tokenizer: str):
     """n synthetic two-view batches of the dataset's shape (sequences cut to a quarter with --quick)."""
     import numpy as np
 
-    from mmsa_emt.demo import minilm_path
     from mmsa_emt.missing import drop_split
     from mmsa_emt.objective import TwoViewBatch
     from mmsa_emt.synthetic import make_dataset
 
     cut = 4 if quick else 1
     b = shape["batch"]
-    data = make_dataset("mosi", tokenizer=str(minilm_path()), scale=max(n * b / 1284, 0.01), seed=0,
+    data = make_dataset("mosi", tokenizer=tokenizer, scale=max(n * b / 1284, 0.01), seed=0,
                         text_len=shape["text"], audio_len=shape["audio"][0] // cut,
                         vision_len=shape["vision"][0] // cut, text_feature_dim=8)["train"]
     rng = np.random.default_rng(0)
@@ -76,7 +106,40 @@ def make_batches(shape: dict, n: int, quick: bool):
     return batches
 
 
-def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str) -> dict:
+def count_host_syncs(step) -> tuple[int, str]:
+    """Host synchronisations CUDA reports during ``step()``: their count and the first one's message."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
+    return len(syncs), syncs[0][:300] if syncs else ""
+
+
+def profile_step(step, path: Path) -> float:
+    """Writes the top CUDA kernels of two steps to ``path``; returns the GPU's busy share of the wall time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        step()
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+    path.write_text(f"GPU busy {busy_us / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall ({100 * busy_us / wall_us:.0f}%),"
+                    f" {len(kernels)} kernels, two training steps\n\n"
+                    + prof.key_averages().table(sort_by="self_device_time_total", row_limit=30))
+    return busy_us / wall_us
+
+
+def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, profile_dir: str) -> dict:
     """One (shape, mode) measurement; runs in its own process."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -85,22 +148,34 @@ def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str) -
     from mmsa_emt.trainer import OptimConfig, SpeedConfig, build_optimizer, evaluate, train_one_epoch
 
     shape = SHAPES[shape_name]
-    fast = mode == "fast"
+    switches = {k: AUTO[k][device != "cuda"] if v == "auto" else v for k, v in MODES[mode].items()}
     steps, repeats = (4, 2) if quick else (8, 3)
-    batches = make_batches(shape, steps, quick)
+    batches = make_batches(shape, steps, quick, encoder)
     config = EMTDLFRConfig(pretrained=encoder, audio_dim=shape["audio"][1], vision_dim=shape["vision"][1],
-                           attn_dropout=0.3, ff_dropout=0.1, post_fusion_dropout=0.3,
-                           fused_attention=fast, fused_views=fast)  # mosi's hyper-parameters
+                           attn_dropout=0.3, ff_dropout=0.1, post_fusion_dropout=0.3,  # mosi's hyper-parameters
+                           fused_attention=switches["fused_attention"], fused_views=switches["fused_views"],
+                           stack_modalities=switches["stack_modalities"], packed_lstm=switches["packed_lstm"])
     torch.manual_seed(0)
     model = EMTDLFR(config).to(device)
-    optimizer = build_optimizer(model, OptimConfig())
-    precision = "bf16" if fast and device == "cuda" else "fp32"
-    speed = SpeedConfig(trim_padding=fast, precision=precision, sync_every_step=not fast)
+    optimizer = build_optimizer(model, OptimConfig(), fused=switches["fused_adam"])
+    precision = switches["precision"]
+    speed = SpeedConfig(trim_padding=switches["trim_padding"], precision=precision,
+                        sync_every_step=switches["sync_every_step"], compile=switches["compile"])
     weights = LossWeights()
+    b = shape["batch"]
+
+    speed.prepare_model(model)
 
     def sync() -> None:
         if device == "cuda":
             torch.cuda.synchronize()
+
+    def train_pass() -> None:
+        train_one_epoch(model, batches, optimizer, weights, update_every=4, device=device, progress=False,
+                        speed=speed)
+
+    def eval_pass() -> None:
+        evaluate(model, batches, weights, device=device, progress=False, speed=speed)
 
     def timed(run) -> list[float]:
         run()  # warm-up
@@ -115,80 +190,111 @@ def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str) -
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    train = timed(lambda: train_one_epoch(model, batches, optimizer, weights, update_every=4, device=device,
-                                          progress=False, speed=speed))
-    evaluation = timed(lambda: evaluate(model, batches, weights, device=device, progress=False, speed=speed))
+    compile_start = time.perf_counter()
+    train = timed(train_pass)
+    evaluation = timed(eval_pass)
+    warmup_s = time.perf_counter() - compile_start - (sum(train) + sum(evaluation)) * steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    model.train()
-    batch = speed.prepare(batches[0], device)
-    # the math backend breaks attention into counted matmuls (fused CPU kernels are not counted)
-    with FlopCounterMode(display=False) as counter, speed.autocast(device), sdpa_kernel(SDPBackend.MATH):
-        compute_loss(model, batch, weights).total.backward()
-    b = shape["batch"]
-    return {"shape": shape_name, "mode": mode, "device": device, "precision": precision,
-            "train_ms": statistics.median(train) * 1e3, "train_spread_ms": (max(train) - min(train)) * 1e3,
-            "eval_ms": statistics.median(evaluation) * 1e3, "train_samples_s": b / statistics.median(train),
-            "eval_samples_s": b / statistics.median(evaluation), "peak_gib": peak,
-            "gflop_per_sample": counter.get_total_flops() / b / 1e9,
-            "card": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    gflop = math.nan  # the compiled network is fast's: counted there
+    if not speed.compile:  # after the peak: the math backend materialises every attention matrix
+        model.train()
+        with FlopCounterMode(display=False) as counter, speed.autocast(device), sdpa_kernel(SDPBackend.MATH):
+            compute_loss(model, speed.prepare(batches[0], device), weights).total.backward()
+        optimizer.zero_grad(set_to_none=True)
+        gflop = counter.get_total_flops() / b / 1e9
+    result = {"shape": shape_name, "mode": mode, "device": device, "precision": precision,
+              "train_ms": statistics.median(train) * 1e3, "train_spread_ms": (max(train) - min(train)) * 1e3,
+              "eval_ms": statistics.median(evaluation) * 1e3, "train_samples_s": b / statistics.median(train),
+              "eval_samples_s": b / statistics.median(evaluation), "peak_gib": peak, "warmup_s": warmup_s,
+              "gflop_per_sample": gflop,
+              "card": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    if device == "cuda" and not speed.sync_every_step:
+        def steps_of(n: int):
+            return lambda: train_one_epoch(model, batches[:n], optimizer, weights, device=device, progress=False,
+                                           speed=speed)
+
+        one_step = steps_of(1)
+        per_epoch, result["first_sync"] = count_host_syncs(one_step)  # the epoch's summary reads back once
+        result["host_syncs"] = count_host_syncs(steps_of(2))[0] - per_epoch  # so one more step adds these
+        if profile_dir:
+            path = Path(profile_dir) / f"profile_{shape_name}_{mode}.txt"
+            result["gpu_busy"] = profile_step(one_step, path)
+    return result
 
 
-def bert_base(folder: Path) -> str:
-    """A bert-base-uncased-sized encoder with random weights (nothing downloaded)."""
-    from transformers import BertConfig, BertModel
-
-    if not (folder / "config.json").is_file():
-        BertModel(BertConfig()).save_pretrained(folder)
-    return str(folder)
+def print_row(r: dict) -> None:
+    print(f"{r['shape']:6s} {r['mode']:12s} {r['device']} {r['precision']}: train {r['train_ms']:8.1f} ms/step "
+          f"(spread {r['train_spread_ms']:.1f}) {r['train_samples_s']:7.2f} samples/s | eval "
+          f"{r['eval_samples_s']:7.2f} samples/s | peak {r['peak_gib']:.2f} GiB | "
+          f"{r['gflop_per_sample']:.1f} GFLOP/sample | warm-up {r['warmup_s']:.0f} s", flush=True)
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in r["card"]), None)
+    if r["device"] == "cuda":
+        extra = f"        {r['card']}; host syncs per step: {r.get('host_syncs', 'n/a')}"
+        if "gpu_busy" in r:
+            extra += f"; GPU busy {100 * r['gpu_busy']:.0f}% of a step"
+        if peak:
+            achieved = r["gflop_per_sample"] * r["train_samples_s"] / 1e3
+            extra += f"; {achieved:.1f} TFLOP/s = {100 * achieved / peak:.1f}% of bf16 peak ({peak:.0f})"
+        print(extra, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["mosi", "mosei"], choices=sorted(SHAPES))
+    parser.add_argument("--modes", nargs="+", default=["baseline", "fast"], choices=list(MODES),
+                        help="ratios are printed against baseline when it is among them")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true",
                         help="fewer steps and audio/vision sequences cut to a quarter (a few minutes on 2 cores)")
+    parser.add_argument("--profile", action="store_true", help="CUDA: write each fast mode's top kernels")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per (shape, mode) before giving up")
     parser.add_argument("--out", default="saved_results/bench_train.json")
     parser.add_argument("--worker", nargs=4, metavar=("SHAPE", "MODE", "DEVICE", "ENCODER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    out = Path(args.out)
     if args.worker:
         shape, mode, device, encoder = args.worker
-        print(json.dumps(worker(shape, mode, device, args.quick, encoder)))
+        print(json.dumps(worker(shape, mode, device, args.quick, encoder, str(out.parent) if args.profile else "")))
         return
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.quick:
         print("--quick: 4 steps x 2 repeats, audio/vision sequences cut to a quarter of the dataset's length")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    modes = list(dict.fromkeys(args.modes))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         encoder = bert_base(Path(folder) / "bert-base")
         for shape in args.shapes:
-            for mode in MODES:
-                command = [sys.executable, __file__, "--worker", shape, mode, device, encoder]
-                command += ["--quick"] if args.quick else []
-                result = subprocess.run(command, capture_output=True, text=True, check=False)
+            for mode in modes:
+                command = [sys.executable, __file__, "--worker", shape, mode, device, encoder, "--out", str(out)]
+                command += ["--quick"] * args.quick + ["--profile"] * args.profile
+                try:
+                    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                                            timeout=args.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"{shape:6s} {mode:12s} gave up after {args.timeout:.0f} s", flush=True)
+                    continue
                 if result.returncode:
-                    sys.exit(f"{shape}/{mode} failed:\n{result.stderr[-3000:]}")
+                    print(f"{shape}/{mode} failed:\n{result.stderr[-3000:]}", flush=True)
+                    continue
                 rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-                r = rows[-1]
-                print(f"{shape:6s} {mode:8s} {r['device']} {r['precision']}: train {r['train_ms']:8.1f} ms/step "
-                      f"(spread {r['train_spread_ms']:.1f}) {r['train_samples_s']:7.2f} samples/s | eval "
-                      f"{r['eval_samples_s']:7.2f} samples/s | peak {r['peak_gib']:.2f} GiB | "
-                      f"{r['gflop_per_sample']:.1f} GFLOP/sample", flush=True)
-                peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in r["card"]), None)
-                if peak and r["device"] == "cuda":
-                    achieved = r["gflop_per_sample"] * r["train_samples_s"] / 1e3
-                    print(f"        achieved {achieved:.1f} TFLOP/s = {100 * achieved / peak:.1f}% of the card's bf16 "
-                          f"peak ({peak:.0f} TFLOP/s)")
+                print_row(rows[-1])
+                out.write_text(json.dumps(rows, indent=2))
     for shape in args.shapes:
-        base, fast = (next(r for r in rows if r["shape"] == shape and r["mode"] == m) for m in MODES)
-        print(f"{shape}: fast/baseline  train x{fast['train_samples_s'] / base['train_samples_s']:.2f}  "
-              f"eval x{fast['eval_samples_s'] / base['eval_samples_s']:.2f}  "
-              f"peak memory x{fast['peak_gib'] / base['peak_gib']:.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(f"saved {args.out}")
+        done = {r["mode"]: r for r in rows if r["shape"] == shape}
+        if "baseline" not in done:
+            continue
+        base = done["baseline"]
+        for mode, r in done.items():
+            if mode != "baseline":
+                print(f"{shape}: {mode}/baseline  train x{r['train_samples_s'] / base['train_samples_s']:.2f}  "
+                      f"eval x{r['eval_samples_s'] / base['eval_samples_s']:.2f}  "
+                      f"peak memory x{r['peak_gib'] / base['peak_gib']:.2f}")
+    print(f"saved {out}")
+    if len(rows) < len(args.shapes) * len(modes):
+        sys.exit("some measurements failed (see above)")
 
 
 if __name__ == "__main__":
