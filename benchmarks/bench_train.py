@@ -139,7 +139,8 @@ def profile_step(step, path: Path) -> float:
     return busy_us / wall_us
 
 
-def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, profile_dir: str) -> dict:
+def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, profile_dir: str,
+           steps: int | None = None, repeats: int | None = None) -> dict:
     """One (shape, mode) measurement; runs in its own process."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -149,7 +150,7 @@ def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, p
 
     shape = SHAPES[shape_name]
     switches = {k: AUTO[k][device != "cuda"] if v == "auto" else v for k, v in MODES[mode].items()}
-    steps, repeats = (4, 2) if quick else (8, 3)
+    steps, repeats = steps or (4 if quick else 8), repeats or (2 if quick else 3)
     batches = make_batches(shape, steps, quick, encoder)
     config = EMTDLFRConfig(pretrained=encoder, audio_dim=shape["audio"][1], vision_dim=shape["vision"][1],
                            attn_dropout=0.3, ff_dropout=0.1, post_fusion_dropout=0.3,  # mosi's hyper-parameters
@@ -250,12 +251,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="CUDA: write each fast mode's top kernels")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per (shape, mode) before giving up")
     parser.add_argument("--out", default="saved_results/bench_train.json")
+    parser.add_argument("--steps", type=int, default=None, help="batches per timed pass (default 8; quick 4)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed passes after the warm-up (default 3; "
+                        "quick 2)")
     parser.add_argument("--worker", nargs=4, metavar=("SHAPE", "MODE", "DEVICE", "ENCODER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
     if args.worker:
         shape, mode, device, encoder = args.worker
-        print(json.dumps(worker(shape, mode, device, args.quick, encoder, str(out.parent) if args.profile else "")))
+        print(json.dumps(worker(shape, mode, device, args.quick, encoder, str(out.parent) if args.profile else "",
+                                args.steps, args.repeats)))
         return
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -270,6 +275,7 @@ def main() -> None:
             for mode in modes:
                 command = [sys.executable, __file__, "--worker", shape, mode, device, encoder, "--out", str(out)]
                 command += ["--quick"] * args.quick + ["--profile"] * args.profile
+                command += [f"--{k}={v}" for k, v in (("steps", args.steps), ("repeats", args.repeats)) if v]
                 try:
                     result = subprocess.run(command, capture_output=True, text=True, check=False,
                                             timeout=args.timeout)

@@ -45,7 +45,7 @@ def test_emt_dlfr_regression_config_has_the_paper_values(dataset):
     optim_config_from_args(args)
 
 
-@pytest.mark.parametrize("device,stacked,precision", [("cpu", False, "fp32"), ("cuda:0", True, "fp32")])
+@pytest.mark.parametrize("device,stacked,precision", [("cpu", False, "fp32"), ("cuda:0", True, "bf16")])
 def test_shipped_speed_settings_resolve_per_device(device, stacked, precision):
     """Fast mode by default; 'auto' levers follow the run's device (stacking pays on CUDA, costs on a CPU)."""
     args = {**load_config("EMT-DLFR", "mosi", REGRESSION), "feature_dims": [768, 5, 20], "device": torch.device(device)}
@@ -54,7 +54,7 @@ def test_shipped_speed_settings_resolve_per_device(device, stacked, precision):
     assert config.stack_modalities is stacked
     speed = speed_config_from_args(args)
     assert (speed.trim_padding, speed.precision, speed.compile) == (True, precision, False)
-    assert speed_config_from_args({**args, "precision": "auto"}).precision == ("bf16" if stacked else "fp32")
+    assert speed_config_from_args({**args, "precision": "fp32"}).precision == "fp32"
     assert model_config_from_args({**args, "stack_modalities": False}).stack_modalities is False
 
 

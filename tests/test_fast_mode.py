@@ -139,3 +139,21 @@ def test_padded_lstm_computes_what_the_packed_lstm_computes(layers):
     torch.testing.assert_close(gx2, gx1, rtol=1e-10, atol=1e-12)
     for name, grad in gp1.items():
         torch.testing.assert_close(gp2[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_lstm_runs_in_float32_under_autocast(packed):
+    """Under bf16 autocast the recurrence sees float32 input with autocast off (CUDA autocast would give cuDNN's
+    LSTM float16 whatever the autocast dtype); the Linear after it is autocast as usual."""
+    from mmsa_emt.nn.encoders import SequenceEncoder
+
+    torch.manual_seed(0)
+    encoder = SequenceEncoder(5, 8, 4, packed=packed)
+    seen = []
+    encoder.rnn.register_forward_pre_hook(lambda _, args: seen.append((torch.is_autocast_enabled("cpu"),
+                                                                        args[0].data.dtype)))
+    x, lengths = torch.randn(4, 6, 5).bfloat16(), torch.tensor([6, 2, 5, 1])
+    with SpeedConfig(precision="bf16").autocast("cpu"):
+        local, utterance = encoder(x, lengths)
+    assert seen == [(False, torch.float32)]
+    assert local.dtype == utterance.dtype == torch.bfloat16  # the Linear ran under autocast

@@ -85,7 +85,17 @@ class SequenceEncoder(nn.Module):
         self.packed = packed
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """x (b, t, f); lengths (b,) on the CPU, each >= 1."""
+        """x (b, t, f); lengths (b,) on the CPU, each >= 1.
+
+        The recurrence runs in float32 even under autocast: CUDA autocast would hand cuDNN's LSTM float16 whatever
+        the autocast dtype (seen in a bf16 profile), and these LSTMs are too small for it to pay.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            local, last = self._recurrence(x.to(self.rnn.weight_ih_l0.dtype), lengths)
+        return self.proj(local), self.proj(self.dropout(last))
+
+    def _recurrence(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-step outputs (b, max(lengths), e), zero at padded steps, and the state at the last valid step."""
         if self.packed:
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             outputs, (h_n, _) = self.rnn(packed)
@@ -98,4 +108,4 @@ class SequenceEncoder(nn.Module):
             last = local[torch.arange(len(local), device=x.device), lengths - 1]  # (b, e)
             valid = torch.arange(steps, device=x.device)[None] < lengths[:, None]  # (b, max(lengths))
             local = local * valid[..., None].to(local.dtype)
-        return self.proj(local), self.proj(self.dropout(last))
+        return local, last
