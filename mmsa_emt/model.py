@@ -64,6 +64,7 @@ class EMTDLFRConfig:
     fused_views: bool = True  # complete and incomplete view in one pass (False: two passes, as the authors)
     stack_modalities: bool = False  # with modality_share: one fusion call for all modalities (nn.emt.EMT)
     packed_lstm: bool = False  # True: LSTMs over packed sequences, as the authors (nn.encoders.SequenceEncoder)
+    checkpoint_encoder: bool = False  # recompute BERT's activations in backward (less memory, more encoder work)
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
 
@@ -104,7 +105,7 @@ class EMTDLFR(nn.Module):
             raise ValueError(f"modalities={list(c.modalities)}: choose a non-empty subset of {list(MODALITIES)}")
         self.modalities = tuple(m for m in MODALITIES if m in c.modalities)
         if "text" in self.modalities:
-            self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert)
+            self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert, checkpoint=c.checkpoint_encoder)
         if "audio" in self.modalities:
             self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
                                                  num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout,

@@ -157,3 +157,28 @@ def test_lstm_runs_in_float32_under_autocast(packed):
         local, utterance = encoder(x, lengths)
     assert seen == [(False, torch.float32)]
     assert local.dtype == utterance.dtype == torch.bfloat16  # the Linear ran under autocast
+
+
+def test_encoder_checkpointing_recomputes_and_changes_nothing(tiny_config):
+    """``checkpoint_encoder``: BERT's layers run again in the backward pass (counted), and losses and gradients are
+    those without it, dropout included (float64, same seed)."""
+    torch.manual_seed(0)
+    plain = EMTDLFR(tiny_config()).train().double()
+    checkpointed = EMTDLFR(tiny_config(checkpoint_encoder=True)).train().double()
+    checkpointed.load_state_dict(plain.state_dict())
+    batch = padded_batch(8, torch.float64)
+    results, calls = [], []
+    for model in (plain, checkpointed):
+        layer = model.text_encoder.bert.encoder.layer[0].intermediate  # inside the checkpointed forward
+        count = []
+        handle = layer.register_forward_hook(lambda *_, count=count: count.append(1))
+        torch.manual_seed(1)
+        results.append(losses_and_grads(model, batch))
+        handle.remove()
+        calls.append(len(count))
+    assert calls == [1, 2]
+    (ref_terms, ref_grads), (terms, grads) = results
+    for key, value in ref_terms.items():
+        torch.testing.assert_close(terms[key], value, rtol=1e-10, atol=1e-12, msg=key)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-8, atol=1e-10, msg=name)
