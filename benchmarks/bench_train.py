@@ -11,10 +11,11 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
 * ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over
   the padded batch (``packed_lstm: false``), each batch cut to its longest sequences, no per-step host sync, fused
   Adam on CUDA; on CUDA also bf16 autocast (``precision: auto``) and the three modalities stacked into one fusion
-  call (``stack_modalities: auto``); on the CPU BERT's activations recomputed in the backward pass instead of kept
-  (``checkpoint_encoder: auto``);
+  call (``stack_modalities: auto``); on the CPU the activations of BERT and of the fusion's feed-forward blocks
+  recomputed in the backward pass instead of kept (``checkpoint_encoder``, ``checkpoint_fusion``: auto);
 * variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-nostack``
-  (stacking on / off whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (likewise),
+  (stacking on / off whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (both recomputations on /
+  off), ``fast-ckpt-fusion`` (only the fusion's),
   ``fast-bf16`` (bf16 autocast whatever the device), ``fast-packed`` (packed LSTMs), ``fast-compile``
   (``torch.compile`` of the text encoder and the fusion).
 
@@ -56,24 +57,25 @@ SHAPES = {  # text tokens, (frames, features) of audio and vision: MMSA's unalig
 }
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto", "packed_lstm": False,
-        "checkpoint_encoder": "auto", "trim_padding": True, "precision": "auto", "sync_every_step": False,
-        "fused_adam": None, "compile": False}
+        "checkpoint_encoder": "auto", "checkpoint_fusion": "auto", "trim_padding": True, "precision": "auto",
+        "sync_every_step": False, "fused_adam": None, "compile": False}
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": False, "packed_lstm": True,
-                 "checkpoint_encoder": False, "trim_padding": False, "precision": "fp32", "sync_every_step": True,
-                 "fused_adam": False, "compile": False},
+                 "checkpoint_encoder": False, "checkpoint_fusion": False, "trim_padding": False, "precision": "fp32",
+                 "sync_every_step": True, "fused_adam": False, "compile": False},
     "fast": FAST,
     "fast-fp32": {**FAST, "precision": "fp32"},
     "fast-stack": {**FAST, "stack_modalities": True},
     "fast-nostack": {**FAST, "stack_modalities": False},
     "fast-packed": {**FAST, "packed_lstm": True},
     "fast-compile": {**FAST, "compile": True},
-    "fast-checkpoint": {**FAST, "checkpoint_encoder": True},
-    "fast-nocheckpoint": {**FAST, "checkpoint_encoder": False},
+    "fast-checkpoint": {**FAST, "checkpoint_encoder": True, "checkpoint_fusion": True},
+    "fast-nocheckpoint": {**FAST, "checkpoint_encoder": False, "checkpoint_fusion": False},
+    "fast-ckpt-fusion": {**FAST, "checkpoint_encoder": False, "checkpoint_fusion": True},
     "fast-bf16": {**FAST, "precision": "bf16"},
 }
 AUTO = {"precision": ("bf16", "fp32"), "stack_modalities": (True, False),  # 'auto': (on CUDA, elsewhere)
-        "checkpoint_encoder": (False, True)}
+        "checkpoint_encoder": (False, True), "checkpoint_fusion": (False, True)}
 
 
 def make_batches(shape: dict, n: int, quick: bool, tokenizer: str):
@@ -163,7 +165,8 @@ def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, p
                            attn_dropout=0.3, ff_dropout=0.1, post_fusion_dropout=0.3,  # mosi's hyper-parameters
                            fused_attention=switches["fused_attention"], fused_views=switches["fused_views"],
                            stack_modalities=switches["stack_modalities"], packed_lstm=switches["packed_lstm"],
-                           checkpoint_encoder=switches["checkpoint_encoder"])
+                           checkpoint_encoder=switches["checkpoint_encoder"],
+                           checkpoint_fusion=switches["checkpoint_fusion"])
     torch.manual_seed(0)
     model = EMTDLFR(config).to(device)
     optimizer = build_optimizer(model, OptimConfig(), fused=switches["fused_adam"])

@@ -65,6 +65,7 @@ class EMTDLFRConfig:
     stack_modalities: bool = False  # with modality_share: one fusion call for all modalities (nn.emt.EMT)
     packed_lstm: bool = False  # True: LSTMs over packed sequences, as the authors (nn.encoders.SequenceEncoder)
     checkpoint_encoder: bool = False  # recompute BERT's activations in backward (less memory, more encoder work)
+    checkpoint_fusion: bool = False  # recompute the EMT's feed-forward blocks in backward (nn.emt.HalfMPU)
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
 
@@ -122,7 +123,7 @@ class EMTDLFR(nn.Module):
                        emb_dropout=c.emb_dropout, learnable_pos_emb=c.learnable_pos_emb, max_seq_len=c.max_seq_len,
                        mpu_share=c.mpu_share, modality_share=c.modality_share, layer_share=c.layer_share,
                        pool_activation=c.pool_activation, fused=c.fused_attention,
-                       stack_modalities=c.stack_modalities)
+                       stack_modalities=c.stack_modalities, checkpoint_ff=c.checkpoint_fusion)
         context_dim = len(self.modalities) * c.d_model
         self.head = nn.Sequential(
             nn.Dropout(c.post_fusion_dropout),

@@ -126,3 +126,27 @@ def test_positional_embedding_sinusoid_odd_width_and_learnable_limit():
 def test_heads_must_divide_width():
     with pytest.raises(ValueError, match="d_model=10.*heads=4"):
         EMT(10, depth=1, heads=4)
+
+
+def test_feed_forward_checkpointing_recomputes_and_changes_nothing():
+    """``checkpoint_ff``: the LN + FFN of each half-MPU run again in backward (counted); outputs and gradients are
+    those without it, feed-forward dropout included (float64, same seed)."""
+    results, calls = [], []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        emt = EMT(16, depth=2, heads=4, ff_dropout=0.3, checkpoint_ff=flag).double().train()
+        count = []
+        emt.layers[0][0][0].ff.proj_in.register_forward_hook(lambda *_, count=count: count.append(1))
+        context, local, masks = inputs()
+        context = context.double().requires_grad_()
+        torch.manual_seed(1)
+        out, promoted = emt(context, [x.double() for x in local], masks)
+        (out.square().sum() + sum(y.sum() for y in promoted)).backward()
+        results.append((out, context.grad, {n: p.grad for n, p in emt.named_parameters()}))
+        calls.append(len(count))
+    assert calls[1] == 2 * calls[0]
+    (o1, g1, p1), (o2, g2, p2) = results
+    torch.testing.assert_close(o2, o1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-12)
+    for name, grad in p1.items():
+        torch.testing.assert_close(p2[name], grad, rtol=1e-10, atol=1e-12, msg=name)

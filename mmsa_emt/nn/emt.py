@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from .chunked_attention import chunked_dropout_attention
 
@@ -91,13 +92,17 @@ class HalfMPU(nn.Module):
     """One direction of a Mutual Promotion Unit (Eqs. 6-8): the target attends to a source, then to itself.
 
     X <- X + CrossAttn(LN(X), LN_c(C));  X <- X + SelfAttn(LN(X));  X <- X + FFN(LN(X))   (all pre-LN)
+
+    ``checkpoint_ff``: in training, LN + FFN (the widest activations, 2 x mult x d per step) are recomputed in the
+    backward pass instead of kept; the dropout mask is replayed, so values and gradients are unchanged.
     """
 
     def __init__(
         self, dim: int, *, heads: int, attn_dropout: float = 0.0, ff_dropout: float = 0.0, ff_expansion: int = 4,
-        fused: bool = True,
+        fused: bool = True, checkpoint_ff: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpoint_ff = checkpoint_ff
         self.norm_cross, self.norm_context = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.cross_attn = Attention(dim, heads=heads, dropout=attn_dropout, fused=fused)
         self.norm_self = nn.LayerNorm(dim)
@@ -109,7 +114,12 @@ class HalfMPU(nn.Module):
                 context_mask: Tensor | None = None) -> Tensor:
         x = x + self.cross_attn(self.norm_cross(x), self.norm_context(context), key_mask=context_mask)
         x = x + self.self_attn(self.norm_self(x), key_mask=x_mask)
-        return x + self.ff(self.norm_ff(x))
+        if self.checkpoint_ff and self.training and torch.is_grad_enabled():
+            return x + checkpoint(self._feed_forward, x, use_reentrant=False)
+        return x + self._feed_forward(x)
+
+    def _feed_forward(self, x: Tensor) -> Tensor:
+        return self.ff(self.norm_ff(x))
 
 
 class AttentionPooling(nn.Module):
@@ -180,13 +190,13 @@ class EMT(nn.Module):
         attn_dropout: float = 0.0, ff_dropout: float = 0.0, emb_dropout: float = 0.0,
         learnable_pos_emb: bool = False, max_seq_len: int = 1024, mpu_share: bool = True,
         modality_share: bool = True, layer_share: bool = True, pool_activation: str = "tanh", fused: bool = True,
-        stack_modalities: bool = False,
+        stack_modalities: bool = False, checkpoint_ff: bool = False,
     ) -> None:
         super().__init__()
         self.stack_modalities = stack_modalities and modality_share
         self.pos_emb = PositionalEmbedding(dim, max_len=max_seq_len, learnable=learnable_pos_emb, dropout=emb_dropout)
         mpu = HalfMPU(dim, heads=heads, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
-                      ff_expansion=ff_expansion, fused=fused)
+                      ff_expansion=ff_expansion, fused=fused, checkpoint_ff=checkpoint_ff)
         directions = _replicate(mpu, 2, share=mpu_share)  # [local <- global, global <- local]
         per_modality = _replicate(directions, num_modalities, share=modality_share)
         self.layers = _replicate(per_modality, depth, share=layer_share)
