@@ -11,11 +11,11 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
 * ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over
   the padded batch (``packed_lstm: false``), each batch cut to its longest sequences, no per-step host sync, fused
   Adam on CUDA; on CUDA also bf16 autocast (``precision: auto``) and the three modalities stacked into one fusion
-  call (``stack_modalities: auto``); on the CPU the activations of BERT and of the fusion's feed-forward blocks
-  recomputed in the backward pass instead of kept (``checkpoint_encoder``, ``checkpoint_fusion``: auto);
+  call (``stack_modalities: auto``); on the CPU the activations of the fusion's feed-forward blocks recomputed in
+  the backward pass instead of kept (``checkpoint_fusion: auto``);
 * variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-nostack``
-  (stacking on / off whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (both recomputations on /
-  off), ``fast-ckpt-fusion`` (only the fusion's),
+  (stacking on / off whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT and the
+  fusion's feed-forward / neither), ``fast-ckpt-fusion`` (only the fusion's, whatever the device),
   ``fast-bf16`` (bf16 autocast whatever the device), ``fast-packed`` (packed LSTMs), ``fast-compile``
   (``torch.compile`` of the text encoder and the fusion).
 
@@ -57,7 +57,7 @@ SHAPES = {  # text tokens, (frames, features) of audio and vision: MMSA's unalig
 }
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto", "packed_lstm": False,
-        "checkpoint_encoder": "auto", "checkpoint_fusion": "auto", "trim_padding": True, "precision": "auto",
+        "checkpoint_encoder": False, "checkpoint_fusion": "auto", "trim_padding": True, "precision": "auto",
         "sync_every_step": False, "fused_adam": None, "compile": False}
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": False, "packed_lstm": True,
@@ -71,11 +71,11 @@ MODES = {
     "fast-compile": {**FAST, "compile": True},
     "fast-checkpoint": {**FAST, "checkpoint_encoder": True, "checkpoint_fusion": True},
     "fast-nocheckpoint": {**FAST, "checkpoint_encoder": False, "checkpoint_fusion": False},
-    "fast-ckpt-fusion": {**FAST, "checkpoint_encoder": False, "checkpoint_fusion": True},
+    "fast-ckpt-fusion": {**FAST, "checkpoint_fusion": True},
     "fast-bf16": {**FAST, "precision": "bf16"},
 }
 AUTO = {"precision": ("bf16", "fp32"), "stack_modalities": (True, False),  # 'auto': (on CUDA, elsewhere)
-        "checkpoint_encoder": (False, True), "checkpoint_fusion": (False, True)}
+        "checkpoint_fusion": (False, True)}
 
 
 def make_batches(shape: dict, n: int, quick: bool, tokenizer: str):

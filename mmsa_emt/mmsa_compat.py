@@ -149,7 +149,7 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         fused_attention=bool(args.get("fused_attention", True)), fused_views=bool(args.get("fused_views", True)),
         stack_modalities=bool(_auto(args, "stack_modalities", default=False, on_cuda=True, on_cpu=False)),
         packed_lstm=bool(args.get("packed_lstm", False)),
-        checkpoint_encoder=bool(_auto(args, "checkpoint_encoder", default=False, on_cuda=False, on_cpu=True)),
+        checkpoint_encoder=bool(args.get("checkpoint_encoder", False)),
         checkpoint_fusion=bool(_auto(args, "checkpoint_fusion", default=False, on_cuda=False, on_cpu=True)),
         modalities=tuple(args.get("modalities") or MODALITIES),
     )

@@ -16,6 +16,18 @@ def losses_and_grads(model, batch):
     return {k: v.detach() for k, v in out.terms.items()} | {"total": out.total.detach()}, grads
 
 
+def assert_same_losses_and_grads(reference, model, batch, *, losses: tuple[float, float],
+                                 grads: tuple[float, float]) -> None:
+    """Both models on one batch: every loss term and every gradient agree to (rtol, atol)."""
+    ref_terms, ref_grads = losses_and_grads(reference, batch)
+    terms, new_grads = losses_and_grads(model, batch)
+    for key, value in ref_terms.items():
+        torch.testing.assert_close(terms[key], value, rtol=losses[0], atol=losses[1], msg=key)
+    assert new_grads.keys() == ref_grads.keys()
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(new_grads[name], grad, rtol=grads[0], atol=grads[1], msg=name)
+
+
 def padded_batch(b: int, dtype: torch.dtype):
     """A batch with extra text padding that trimming removes, floats in ``dtype``."""
     batch = random_batch(b, text_len=12, audio_len=15, vision_len=11, rate=0.4, seed=5)
@@ -78,14 +90,8 @@ def test_stacked_modalities_in_the_full_model(tiny_config):
     stacked.load_state_dict(loop.state_dict())
     for model in (loop, stacked):
         model.text_encoder.eval()
-    batch = padded_batch(8, torch.float64)
-    ref_terms, ref_grads = losses_and_grads(loop, batch)
-    terms, grads = losses_and_grads(stacked, batch)
-    for key, value in ref_terms.items():
-        torch.testing.assert_close(terms[key], value, rtol=1e-9, atol=1e-9, msg=key)
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in ref_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-7, atol=1e-9, msg=name)
+    assert_same_losses_and_grads(loop, stacked, padded_batch(8, torch.float64), losses=(1e-9, 1e-9),
+                                 grads=(1e-7, 1e-9))
 
 
 def test_compiled_model_computes_the_same_and_keeps_its_state_dict(tiny_config):
@@ -102,14 +108,8 @@ def test_compiled_model_computes_the_same_and_keeps_its_state_dict(tiny_config):
     keys = list(compiled.state_dict())
     compile_model(compiled, backend="aot_eager")
     assert list(compiled.state_dict()) == keys
-    batch = padded_batch(8, torch.float32)
-    ref_terms, ref_grads = losses_and_grads(eager, batch)
-    terms, grads = losses_and_grads(compiled, batch)
-    for key, value in ref_terms.items():
-        torch.testing.assert_close(terms[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    assert grads.keys() == ref_grads.keys()
-    for name, grad in ref_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_losses_and_grads(eager, compiled, padded_batch(8, torch.float32), losses=(1e-5, 1e-6),
+                                 grads=(1e-5, 1e-6))
     other = random_batch(8, text_len=9, audio_len=7, vision_len=13, seed=3)
     assert torch.isfinite(compute_loss(compiled, other, LossWeights()).total)
 
