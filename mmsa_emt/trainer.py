@@ -97,7 +97,7 @@ class SpeedConfig:
 def compile_model(model: EMTDLFR, *, backend: str = "inductor") -> EMTDLFR:
     """Compiles, in place, the parts made of many small kernels: the text encoder and the EMT fusion.
 
-    Shapes are marked dynamic (trimmed batches vary in length), the LSTMs stay eager (packed sequences), and the
+    Shapes are marked dynamic (trimmed batches vary in length), the LSTMs stay eager (one cuDNN/oneDNN call), the
     state dict keeps its keys. Compilation happens on the first batches, so the first steps are slow.
     """
     for part in ("text_encoder", "emt"):
