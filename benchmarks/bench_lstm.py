@@ -52,12 +52,15 @@ def measure(name: str, frames: int, features: int, hidden: int, b: int, repeats:
         out, (h_n, _) = rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
         return pad_packed_sequence(out, batch_first=True, total_length=frames)[0], h_n[-1]
 
+    def padded(module: nn.Module) -> tuple[Tensor, Tensor]:
+        out = module(x)  # (b, t, e)
+        return out, out[rows, last]  # every step, and each sequence's last valid one
+
     padded_module = PaddedLSTM(rnn)
-    variants = {"packed, eager": packed}
-    variants["padded, eager"] = lambda: (lambda out: (out, out[rows, last]))(padded_module(x))
+    variants = {"packed, eager": packed, "padded, eager": lambda: padded(padded_module)}
     try:
         graphed = torch.cuda.make_graphed_callables(padded_module, (x,))
-        variants["padded, CUDA graph"] = lambda: (lambda out: (out, out[rows, last]))(graphed(x))
+        variants["padded, CUDA graph"] = lambda: padded(graphed)
     except RuntimeError as error:
         print(f"{name}: CUDA graph capture failed: {error!r}")
     reference = None
@@ -89,7 +92,6 @@ def measure(name: str, frames: int, features: int, hidden: int, b: int, repeats:
             agree = f" | vs packed: outputs {local_err:.1e}, final state {final_err:.1e}, gradients {grad_err:.1e}"
         print(f"{name:6s} T={frames} {variant:20s} forward+backward {1e3 * statistics.median(times):7.2f} ms"
               f"{agree}", flush=True)
-
 
 
 def main() -> None:
