@@ -10,11 +10,12 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
   read back to the host every step;
 * ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over
   the padded batch (``packed_lstm: false``), each batch cut to its longest sequences, no per-step host sync, fused
-  Adam on CUDA; on CUDA also bf16 autocast (``precision: auto``) and the three modalities stacked into one fusion
-  call (``stack_modalities: auto``); on the CPU the activations of the fusion's feed-forward blocks recomputed in
-  the backward pass instead of kept (``checkpoint_fusion: auto``);
-* variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-nostack``
-  (stacking on / off whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT and the
+  Adam on CUDA; on CUDA also bf16 autocast (``precision: auto``) and the three modalities joined along time
+  into one fusion call (``stack_modalities: auto``); on the CPU the activations of the fusion's feed-forward
+  blocks recomputed in the backward pass instead of kept (``checkpoint_fusion: auto``);
+* variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-stack-batch`` /
+  ``fast-nostack`` (the modalities joined along time / padded and stacked along the batch / one fusion call each,
+  whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT and the
   fusion's feed-forward / neither), ``fast-ckpt-fusion`` (only the fusion's, whatever the device),
   ``fast-bf16`` (bf16 autocast whatever the device), ``fast-packed`` (packed LSTMs), ``fast-compile``
   (``torch.compile`` of the text encoder and the fusion).
@@ -29,9 +30,10 @@ step with the configured gradient accumulation (4, the authors' ``update_epochs`
 after a warm-up pass (which also compiles, for ``fast-compile``). FLOPs per sample are counted with
 ``torch.utils.flop_counter`` on one training step under the math attention backend (it decomposes attention into
 counted matmuls; fused kernels are not counted), after the peak memory is read; on CUDA the achieved model
-FLOP/s is compared with the card's bf16 peak. On CUDA the fast modes also count host synchronisations in one
-training step (``torch.cuda.set_sync_debug_mode``), and ``--profile`` writes the top kernels and the GPU's busy
-share of a step.
+FLOP/s is compared with the card's bf16 peak. ``ops/step`` counts the non-view ATen operations of one
+training step (forward, backward, optimizer step; each is at least one kernel launch on a GPU). On CUDA the fast
+modes also count host synchronisations in one training step (``torch.cuda.set_sync_debug_mode``), and
+``--profile`` writes the top kernels and the GPU's busy share of a step.
 """
 
 from __future__ import annotations
@@ -60,13 +62,14 @@ FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto"
         "checkpoint_encoder": False, "checkpoint_fusion": "auto", "trim_padding": True, "precision": "auto",
         "sync_every_step": False, "fused_adam": None, "compile": False}
 MODES = {
-    "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": False, "packed_lstm": True,
+    "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": None, "packed_lstm": True,
                  "checkpoint_encoder": False, "checkpoint_fusion": False, "trim_padding": False, "precision": "fp32",
                  "sync_every_step": True, "fused_adam": False, "compile": False},
     "fast": FAST,
     "fast-fp32": {**FAST, "precision": "fp32"},
-    "fast-stack": {**FAST, "stack_modalities": True},
-    "fast-nostack": {**FAST, "stack_modalities": False},
+    "fast-stack": {**FAST, "stack_modalities": "time"},
+    "fast-stack-batch": {**FAST, "stack_modalities": "batch"},
+    "fast-nostack": {**FAST, "stack_modalities": None},
     "fast-packed": {**FAST, "packed_lstm": True},
     "fast-compile": {**FAST, "compile": True},
     "fast-checkpoint": {**FAST, "checkpoint_encoder": True, "checkpoint_fusion": True},
@@ -74,7 +77,7 @@ MODES = {
     "fast-ckpt-fusion": {**FAST, "checkpoint_fusion": True},
     "fast-bf16": {**FAST, "precision": "bf16"},
 }
-AUTO = {"precision": ("bf16", "fp32"), "stack_modalities": (True, False),  # 'auto': (on CUDA, elsewhere)
+AUTO = {"precision": ("bf16", "fp32"), "stack_modalities": ("time", None),  # 'auto': (on CUDA, elsewhere)
         "checkpoint_fusion": (False, True)}
 
 
@@ -126,6 +129,23 @@ def count_host_syncs(step) -> tuple[int, str]:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
     return len(syncs), syncs[0][:300] if syncs else ""
+
+
+def count_ops(step) -> int:
+    """Non-view ATen operations dispatched during ``step()``, backward included: each launches at least one
+    kernel on a GPU, so this is the device-independent measure of launch overhead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Counter() as counter:
+        step()
+    return counter.ops
 
 
 def profile_step(step, path: Path) -> float:
@@ -221,12 +241,14 @@ def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, p
               "eval_samples_s": b / statistics.median(evaluation), "peak_gib": peak, "warmup_s": warmup_s,
               "gflop_per_sample": gflop,
               "card": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    if device == "cuda" and not speed.sync_every_step:
-        def steps_of(n: int):
-            return lambda: train_one_epoch(model, batches[:n], optimizer, weights, device=device, progress=False,
-                                           speed=speed)
+    def steps_of(n: int):
+        return lambda: train_one_epoch(model, batches[:n], optimizer, weights, device=device, progress=False,
+                                       speed=speed)
 
-        one_step = steps_of(1)
+    one_step = steps_of(1)
+    if not speed.compile:
+        result["ops_per_step"] = count_ops(one_step)
+    if device == "cuda" and not speed.sync_every_step:
         per_epoch, result["first_sync"] = count_host_syncs(one_step)  # the epoch's summary reads back once
         result["host_syncs"] = count_host_syncs(steps_of(2))[0] - per_epoch  # so one more step adds these
         if profile_dir:
@@ -239,7 +261,8 @@ def print_row(r: dict) -> None:
     print(f"{r['shape']:6s} {r['mode']:12s} {r['device']} {r['precision']}: train {r['train_ms']:8.1f} ms/step "
           f"(spread {r['train_spread_ms']:.1f}) {r['train_samples_s']:7.2f} samples/s | eval "
           f"{r['eval_samples_s']:7.2f} samples/s | peak {r['peak_gib']:.2f} GiB | "
-          f"{r['gflop_per_sample']:.1f} GFLOP/sample | warm-up {r['warmup_s']:.0f} s", flush=True)
+          f"{r['gflop_per_sample']:.1f} GFLOP/sample | {r.get('ops_per_step', 'n/a')} ops/step | "
+          f"warm-up {r['warmup_s']:.0f} s", flush=True)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in r["card"]), None)
     if r["device"] == "cuda":
         extra = f"        {r['card']}; host syncs per step: {r.get('host_syncs', 'n/a')}"

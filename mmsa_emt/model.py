@@ -62,7 +62,7 @@ class EMTDLFRConfig:
         default_factory=lambda: {"context": 128, "text": 256, "audio": 8, "vision": 16})
     fused_attention: bool = True  # PyTorch's scaled-dot-product kernel; False: explicit score matrices
     fused_views: bool = True  # complete and incomplete view in one pass (False: two passes, as the authors)
-    stack_modalities: bool = False  # with modality_share: one fusion call for all modalities (nn.emt.EMT)
+    stack_modalities: str | None = None  # "time" | "batch": one fusion call for all modalities (nn.emt.EMT)
     packed_lstm: bool = False  # True: LSTMs over packed sequences, as the authors (nn.encoders.SequenceEncoder)
     checkpoint_encoder: bool = False  # recompute BERT's activations in backward (less memory, more encoder work)
     checkpoint_fusion: bool = False  # recompute the EMT's feed-forward blocks in backward (nn.emt.HalfMPU)

@@ -45,19 +45,22 @@ def test_emt_dlfr_regression_config_has_the_paper_values(dataset):
     optim_config_from_args(args)
 
 
-@pytest.mark.parametrize("device,stacked,precision", [("cpu", False, "fp32"), ("cuda:0", True, "bf16")])
+@pytest.mark.parametrize("device,stacked,precision", [("cpu", None, "fp32"), ("cuda:0", "time", "bf16")])
 def test_shipped_speed_settings_resolve_per_device(device, stacked, precision):
     """Fast mode by default; 'auto' levers follow the run's device (stacking pays on CUDA, costs on a CPU)."""
     args = {**load_config("EMT-DLFR", "mosi", REGRESSION), "feature_dims": [768, 5, 20], "device": torch.device(device)}
     config = model_config_from_args(args)
     assert (config.fused_attention, config.fused_views, config.packed_lstm) == (True, True, False)
     assert config.stack_modalities is stacked
-    assert config.checkpoint_fusion is not stacked  # recomputing the fusion's feed-forward saves RAM on a CPU
+    assert config.checkpoint_fusion is (stacked is None)  # recomputing the fusion's feed-forward saves RAM on a CPU
     assert config.checkpoint_encoder is False  # costs more time than it saves RAM (README, speed section)
     speed = speed_config_from_args(args)
     assert (speed.trim_padding, speed.precision, speed.compile) == (True, precision, False)
     assert speed_config_from_args({**args, "precision": "fp32"}).precision == "fp32"
-    assert model_config_from_args({**args, "stack_modalities": False}).stack_modalities is False
+    assert model_config_from_args({**args, "stack_modalities": False}).stack_modalities is None
+    assert model_config_from_args({**args, "stack_modalities": "batch"}).stack_modalities == "batch"
+    with pytest.raises(ValueError, match="'stack_modalities' is True"):
+        model_config_from_args({**args, "stack_modalities": True})
 
 
 @pytest.mark.parametrize("dataset", DATASETS)

@@ -66,14 +66,15 @@ def test_fused_and_explicit_attention_agree():
         torch.testing.assert_close(x[m], y[m], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stacking", ["time", "batch"])
 @pytest.mark.parametrize("mpu_share,layer_share", list(itertools.product([True, False], repeat=2)))
-def test_stacked_modalities_compute_what_the_loop_computes(mpu_share, layer_share):
-    """One fusion call over the modalities padded and stacked along the batch = one call per modality: same
-    outputs at valid steps and the same gradients for every parameter and input (float64, training mode with
-    dropout off)."""
+def test_stacked_modalities_compute_what_the_loop_computes(stacking, mpu_share, layer_share):
+    """One fusion call for all modalities (joined along time, or padded and stacked along the batch) = one call
+    per modality: same outputs and the same gradients for every parameter and input (float64, training mode with
+    dropout off). Joined along time, even the outputs at padded steps agree."""
     kwargs = dict(depth=3, heads=4, mpu_share=mpu_share, layer_share=layer_share, modality_share=True)
     loop = EMT(16, **kwargs).double().train()
-    stacked = EMT(16, stack_modalities=True, **kwargs).double().train()
+    stacked = EMT(16, stack_modalities=stacking, **kwargs).double().train()
     stacked.load_state_dict(loop.state_dict())
     results = []
     for emt in (loop, stacked):
@@ -91,6 +92,8 @@ def test_stacked_modalities_compute_what_the_loop_computes(mpu_share, layer_shar
     for a, b, m in zip(l2, l1, inputs()[2]):
         assert a.shape == b.shape
         torch.testing.assert_close(a[m], b[m], rtol=1e-10, atol=1e-10)
+        if stacking == "time":
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     for a, b in zip(gl2, gl1):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert gp1.keys() == gp2.keys()
@@ -98,9 +101,37 @@ def test_stacked_modalities_compute_what_the_loop_computes(mpu_share, layer_shar
         torch.testing.assert_close(gp2[name], gp1[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("lengths", [((4, 4), (4, 4), (4, 4)), ((6,), (1,), (3,))])
+def test_joined_modalities_with_equal_lengths_and_batch_of_one(lengths):
+    """Equal segments take the stacked-on-the-batch path of the attention; a batch of one sample still works."""
+    loop = EMT(16, depth=2, heads=4).double().eval()
+    joined = EMT(16, depth=2, heads=4, stack_modalities="time").double().eval()
+    joined.load_state_dict(loop.state_dict())
+    context, local, masks = inputs(b=len(lengths[0]), lengths=lengths)
+    (c1, l1), (c2, l2) = (emt(context.double(), [x.double() for x in local], masks) for emt in (loop, joined))
+    torch.testing.assert_close(c2, c1, rtol=1e-10, atol=1e-10)
+    for a, b in zip(l2, l1):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_joined_modalities_keep_attention_dropout_within_each_modality():
+    """With attention dropout on (CPU chunked kernel), a modality's outputs still do not depend on the others'
+    frames: noise in the vision frames leaves the promoted audio sequence unchanged under the same seed."""
+    emt = EMT(16, depth=1, heads=4, attn_dropout=0.3, stack_modalities="time").train()
+    context, local, masks = inputs()
+    outs = []
+    for vision in (local[2], torch.randn_like(local[2]) * 50):
+        torch.manual_seed(3)
+        outs.append(emt(context, [local[0], local[1], vision], masks)[1])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    assert not torch.allclose(outs[0][2], outs[1][2])
+
+
 def test_stacking_needs_modality_sharing():
-    assert EMT(16, depth=1, heads=4, stack_modalities=True).stack_modalities
-    assert not EMT(16, depth=1, heads=4, modality_share=False, stack_modalities=True).stack_modalities
+    assert EMT(16, depth=1, heads=4, stack_modalities="time").stack_modalities == "time"
+    assert EMT(16, depth=1, heads=4, modality_share=False, stack_modalities="batch").stack_modalities is None
+    with pytest.raises(ValueError, match="stack_modalities=True"):
+        EMT(16, depth=1, heads=4, stack_modalities=True)
 
 
 def test_unshared_copies_start_identical_like_the_authors():

@@ -82,11 +82,12 @@ def test_bf16_autocast_runs_on_cpu(tiny_config):
     assert torch.isfinite(out.total)
 
 
-def test_stacked_modalities_in_the_full_model(tiny_config):
+@pytest.mark.parametrize("stacking", ["time", "batch"])
+def test_stacked_modalities_in_the_full_model(tiny_config, stacking):
     """The stacked fusion inside the network: same losses and gradients as the per-modality loop (float64)."""
     torch.manual_seed(0)
     loop = EMTDLFR(tiny_config(fused_views=True)).train().double()
-    stacked = EMTDLFR(tiny_config(fused_views=True, stack_modalities=True)).train().double()
+    stacked = EMTDLFR(tiny_config(fused_views=True, stack_modalities=stacking)).train().double()
     stacked.load_state_dict(loop.state_dict())
     for model in (loop, stacked):
         model.text_encoder.eval()
@@ -102,7 +103,7 @@ def test_compiled_model_computes_the_same_and_keeps_its_state_dict(tiny_config):
     from mmsa_emt.trainer import compile_model
 
     torch.manual_seed(0)
-    config = tiny_config(stack_modalities=True, modalities=("audio", "vision"))
+    config = tiny_config(stack_modalities="time", modalities=("audio", "vision"))
     eager, compiled = EMTDLFR(config).train(), EMTDLFR(config).train()
     compiled.load_state_dict(eager.state_dict())
     keys = list(compiled.state_dict())

@@ -24,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunked_attention import chunked_dropout_attention
 
+STACKINGS = (None, "time", "batch")  # EMT's ways to run all modalities in one call (None: one call each)
+Segments = tuple[Sequence[int], Sequence[int]]  # (query lengths, key lengths) of sequences joined along time
 POOL_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
 
@@ -42,23 +44,43 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None,
+                segments: Segments | None = None) -> Tensor:
+        """x (b, t_q, d) attends to context (b, t_k, d) (default: itself).
+
+        ``segments`` = (query lengths, key lengths): x and context are several sequences joined along time, and
+        query segment s attends only to key segment s (one kernel per segment; equal segments in one).
+        """
         context = x if context is None else context
         q = rearrange(self.to_q(x), "b i (h e) -> b h i e", h=self.heads)  # (b, h, t_q, d/h)
         k, v = (rearrange(t, "b j (h e) -> b h j e", h=self.heads) for t in self.to_kv(context).chunk(2, dim=-1))
         mask = None if key_mask is None else rearrange(key_mask, "b j -> b 1 1 j")
+        if segments is None:
+            out = self._attend(q, k, v, mask)
+        elif len(set(segments[0])) == 1 and len(set(segments[1])) == 1:  # equal segments: stacked on the batch
+            n = len(segments[0])
+            q, k, v = (rearrange(t, "b h (s i) e -> (s b) h i e", s=n) for t in (q, k, v))
+            mask = None if mask is None else rearrange(mask, "b 1 1 (s j) -> (s b) 1 1 j", s=n)
+            out = rearrange(self._attend(q, k, v, mask), "(s b) h i e -> b h (s i) e", s=n)
+        else:
+            q_steps, k_steps = segments
+            pieces = zip(q.split(q_steps, dim=2), k.split(k_steps, dim=2), v.split(k_steps, dim=2),
+                         [None] * len(k_steps) if mask is None else mask.split(k_steps, dim=3))
+            out = torch.cat([self._attend(*piece) for piece in pieces], dim=2)  # (b, h, t_q, d/h)
+        return self.to_out(rearrange(out, "b h i e -> b i (h e)"))  # (b, t_q, d)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """softmax(q k^T / sqrt(e) + mask) v with dropout on the weights: (b, h, i, e), (b, h, j, e) -> (b, h, i, e)."""
         dropout = self.dropout if self.training else 0.0
         if self.fused and dropout > 0 and q.device.type == "cpu":  # no CPU kernel takes dropout: chunked
-            out = chunked_dropout_attention(q, k, v, mask, dropout)
-        elif self.fused:
+            return chunked_dropout_attention(q, k, v, mask, dropout)
+        if self.fused:
             with sdpa_kernel(fused_backends(q.device)):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        else:  # explicit (b, h, t_q, t_k) score matrix, as the authors compute it
-            scores = torch.einsum("bhie,bhje->bhij", q, k) / math.sqrt(q.shape[-1])
-            if mask is not None:
-                scores = scores.masked_fill(~mask, -torch.finfo(scores.dtype).max)
-            out = F.dropout(scores.softmax(dim=-1), dropout, self.training) @ v
-        return self.to_out(rearrange(out, "b h i e -> b i (h e)"))  # (b, t_q, d)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        scores = torch.einsum("bhie,bhje->bhij", q, k) / math.sqrt(q.shape[-1])  # explicit, as the authors
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -torch.finfo(scores.dtype).max)
+        return F.dropout(scores.softmax(dim=-1), dropout, self.training) @ v
 
 
 def fused_backends(device: torch.device) -> list[SDPBackend]:
@@ -111,9 +133,14 @@ class HalfMPU(nn.Module):
         self.ff = FeedForward(dim, mult=ff_expansion, dropout=ff_dropout)
 
     def forward(self, x: Tensor, context: Tensor, *, x_mask: Tensor | None = None,
-                context_mask: Tensor | None = None) -> Tensor:
-        x = x + self.cross_attn(self.norm_cross(x), self.norm_context(context), key_mask=context_mask)
-        x = x + self.self_attn(self.norm_self(x), key_mask=x_mask)
+                context_mask: Tensor | None = None, cross_segments: Segments | None = None,
+                x_segments: Sequence[int] | None = None) -> Tensor:
+        """x (b, t_x, d), context (b, t_c, d) -> x (b, t_x, d). With several sequences joined along time,
+        ``cross_segments`` pairs x's segments with the context's and ``x_segments`` splits x for self-attention."""
+        x = x + self.cross_attn(self.norm_cross(x), self.norm_context(context), key_mask=context_mask,
+                                segments=cross_segments)
+        self_segments = None if x_segments is None else (x_segments, x_segments)
+        x = x + self.self_attn(self.norm_self(x), key_mask=x_mask, segments=self_segments)
         if self.checkpoint_ff and self.training and torch.is_grad_enabled():
             return x + checkpoint(self._feed_forward, x, use_reentrant=False)
         return x + self._feed_forward(x)
@@ -179,10 +206,12 @@ class EMT(nn.Module):
     ``mpu_share``: both directions share one HalfMPU; ``modality_share``: all modalities share;
     ``layer_share``: all layers share (the pooling too).
 
-    ``stack_modalities`` (only with ``modality_share``): the M local sequences are padded to the longest and
-    stacked along the batch, so that each layer runs one HalfMPU call per direction instead of M. Padded steps are
-    masked as keys and their outputs dropped, so this computes the same; it trades M-fold fewer (small) kernel
-    launches for the work on padding.
+    ``stack_modalities`` (only with ``modality_share``; one shared HalfMPU then serves every modality) runs each
+    layer with one HalfMPU call per direction instead of M, the same function with M-fold fewer kernel launches:
+    - "time": the M local sequences are joined along time, so every per-step layer (LayerNorm, projections,
+      feed-forward) runs once over all of them; only the attention kernels run per modality, on slices. No padding:
+      the same FLOPs and activations as the loop.
+    - "batch": they are padded to the longest and stacked along the batch (work and memory on the padding).
     """
 
     def __init__(
@@ -190,10 +219,12 @@ class EMT(nn.Module):
         attn_dropout: float = 0.0, ff_dropout: float = 0.0, emb_dropout: float = 0.0,
         learnable_pos_emb: bool = False, max_seq_len: int = 1024, mpu_share: bool = True,
         modality_share: bool = True, layer_share: bool = True, pool_activation: str = "tanh", fused: bool = True,
-        stack_modalities: bool = False, checkpoint_ff: bool = False,
+        stack_modalities: str | None = None, checkpoint_ff: bool = False,
     ) -> None:
         super().__init__()
-        self.stack_modalities = stack_modalities and modality_share
+        if stack_modalities not in STACKINGS:
+            raise ValueError(f"stack_modalities={stack_modalities!r}: choose one of {STACKINGS}")
+        self.stack_modalities = stack_modalities if modality_share else None
         self.pos_emb = PositionalEmbedding(dim, max_len=max_seq_len, learnable=learnable_pos_emb, dropout=emb_dropout)
         mpu = HalfMPU(dim, heads=heads, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
                       ff_expansion=ff_expansion, fused=fused, checkpoint_ff=checkpoint_ff)
@@ -211,7 +242,9 @@ class EMT(nn.Module):
         if not (len(local) == len(masks) == len(self.layers[0])):
             raise ValueError(f"EMT built for {len(self.layers[0])} modalities got {len(local)} sequences")
         local = [self.pos_emb(x) for x in local]
-        if self.stack_modalities:
+        if self.stack_modalities == "time":
+            return self._forward_joined(context, local, masks)
+        if self.stack_modalities == "batch":
             return self._forward_stacked(context, local, masks)
         for layer, pool in zip(self.layers, self.pools):
             promoted = []
@@ -235,3 +268,17 @@ class EMT(nn.Module):
             h = to_local(h, g, x_mask=mask)  # H_k for every k: (k b, t, d)
             context = pool(rearrange(promoted, "(k b) m d -> b k m d", k=k))  # (b, m, d)
         return context, [x[:, :t] for x, t in zip(h.chunk(k), steps)]
+
+    def _forward_joined(self, context: Tensor, local: list[Tensor], masks: Sequence[Tensor]
+                        ) -> tuple[Tensor, list[Tensor]]:
+        """``forward`` with the local sequences joined along time (one shared HalfMPU serves them all)."""
+        k, m, steps = len(local), context.shape[1], [x.shape[1] for x in local]
+        h, mask = torch.cat(local, dim=1), torch.cat(list(masks), dim=1)  # (b, T, d), (b, T); T = sum of t_k
+        for layer, pool in zip(self.layers, self.pools):
+            to_local, to_context = layer[0]
+            g = repeat(context, "b m d -> b (k m) d", k=k)  # one copy of G per modality
+            promoted = to_context(g, h, context_mask=mask, cross_segments=([m] * k, steps),
+                                  x_segments=[m] * k)  # G_k for every k: (b, k m, d)
+            h = to_local(h, context, x_mask=mask, x_segments=steps)  # every H_k attends to the same G: (b, T, d)
+            context = pool(rearrange(promoted, "b (k m) d -> b k m d", k=k))  # (b, m, d)
+        return context, list(h.split(steps, dim=1))
