@@ -10,13 +10,12 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
   read back to the host every step;
 * ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over
   the padded batch (``packed_lstm: false``), each batch cut to its longest sequences, no per-step host sync, fused
-  Adam on CUDA; on CUDA also bf16 autocast (``precision: auto``) and the three modalities joined along time
-  into one fusion call (``stack_modalities: auto``); on the CPU the activations of the fusion's feed-forward
-  blocks recomputed in the backward pass instead of kept (``checkpoint_fusion: auto``);
+  Adam, the activations of the fusion's feed-forward blocks recomputed in the backward pass instead of kept
+  (``checkpoint_fusion: true``); on CUDA also bf16 autocast (``precision: auto``) and the three modalities joined
+  along time into one fusion call (``stack_modalities: auto``);
 * variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-stack-batch`` /
   ``fast-nostack`` (the modalities joined along time / padded and stacked along the batch / one fusion call each,
-  whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT and the
-  fusion's feed-forward / neither), ``fast-ckpt-fusion`` (only the fusion's, whatever the device),
+  whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT too / nothing),
   ``fast-bf16`` (bf16 autocast whatever the device), ``fast-packed`` (packed LSTMs), ``fast-compile``
   (``torch.compile`` of the text encoder and the fusion).
 
@@ -59,7 +58,7 @@ SHAPES = {  # text tokens, (frames, features) of audio and vision: MMSA's unalig
 }
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto", "packed_lstm": False,
-        "checkpoint_encoder": False, "checkpoint_fusion": "auto", "trim_padding": True, "precision": "auto",
+        "checkpoint_encoder": False, "checkpoint_fusion": True, "trim_padding": True, "precision": "auto",
         "sync_every_step": False, "fused_adam": None, "compile": False}
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": None, "packed_lstm": True,
@@ -74,11 +73,9 @@ MODES = {
     "fast-compile": {**FAST, "compile": True},
     "fast-checkpoint": {**FAST, "checkpoint_encoder": True, "checkpoint_fusion": True},
     "fast-nocheckpoint": {**FAST, "checkpoint_encoder": False, "checkpoint_fusion": False},
-    "fast-ckpt-fusion": {**FAST, "checkpoint_fusion": True},
     "fast-bf16": {**FAST, "precision": "bf16"},
 }
-AUTO = {"precision": ("bf16", "fp32"), "stack_modalities": ("time", None),  # 'auto': (on CUDA, elsewhere)
-        "checkpoint_fusion": (False, True)}
+AUTO = {"precision": ("bf16", "fp32"), "stack_modalities": ("time", None)}  # 'auto': (on CUDA, elsewhere)
 
 
 def make_batches(shape: dict, n: int, quick: bool, tokenizer: str):
@@ -168,21 +165,17 @@ def profile_step(step, path: Path) -> float:
     return busy_us / wall_us
 
 
-def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, profile_dir: str,
-           steps: int | None = None, repeats: int | None = None) -> dict:
-    """One (shape, mode) measurement; runs in its own process."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+def setup(shape_name: str, mode: str, device: str, encoder: str, *, as_device: str | None = None,
+          attn_dropout: float = 0.3):
+    """The network (mosi's hyper-parameters), optimizer and ``SpeedConfig`` a mode trains with on ``device``;
+    its 'auto' switches resolved as on ``as_device`` (default: ``device``)."""
+    from mmsa_emt import EMTDLFR, EMTDLFRConfig
+    from mmsa_emt.trainer import OptimConfig, SpeedConfig, build_optimizer
 
-    from mmsa_emt import EMTDLFR, EMTDLFRConfig, LossWeights, compute_loss
-    from mmsa_emt.trainer import OptimConfig, SpeedConfig, build_optimizer, evaluate, train_one_epoch
-
-    shape = SHAPES[shape_name]
-    switches = {k: AUTO[k][device != "cuda"] if v == "auto" else v for k, v in MODES[mode].items()}
-    steps, repeats = steps or (4 if quick else 8), repeats or (2 if quick else 3)
-    batches = make_batches(shape, steps, quick, encoder)
+    shape, on_cuda = SHAPES[shape_name], (as_device or device) == "cuda"
+    switches = {k: AUTO[k][not on_cuda] if v == "auto" else v for k, v in MODES[mode].items()}
     config = EMTDLFRConfig(pretrained=encoder, audio_dim=shape["audio"][1], vision_dim=shape["vision"][1],
-                           attn_dropout=0.3, ff_dropout=0.1, post_fusion_dropout=0.3,  # mosi's hyper-parameters
+                           attn_dropout=attn_dropout, ff_dropout=0.1, post_fusion_dropout=0.3,
                            fused_attention=switches["fused_attention"], fused_views=switches["fused_views"],
                            stack_modalities=switches["stack_modalities"], packed_lstm=switches["packed_lstm"],
                            checkpoint_encoder=switches["checkpoint_encoder"],
@@ -190,9 +183,25 @@ def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, p
     torch.manual_seed(0)
     model = EMTDLFR(config).to(device)
     optimizer = build_optimizer(model, OptimConfig(), fused=switches["fused_adam"])
-    precision = switches["precision"]
-    speed = SpeedConfig(trim_padding=switches["trim_padding"], precision=precision,
+    speed = SpeedConfig(trim_padding=switches["trim_padding"], precision=switches["precision"],
                         sync_every_step=switches["sync_every_step"], compile=switches["compile"])
+    return model, optimizer, speed
+
+
+def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, profile_dir: str,
+           steps: int | None = None, repeats: int | None = None) -> dict:
+    """One (shape, mode) measurement; runs in its own process."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmsa_emt import LossWeights, compute_loss
+    from mmsa_emt.trainer import evaluate, train_one_epoch
+
+    shape = SHAPES[shape_name]
+    steps, repeats = steps or (4 if quick else 8), repeats or (2 if quick else 3)
+    batches = make_batches(shape, steps, quick, encoder)
+    model, optimizer, speed = setup(shape_name, mode, device, encoder)
+    precision = speed.precision
     weights = LossWeights()
     b = shape["batch"]
 

@@ -5,8 +5,9 @@
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
 #
 # 1. check_cuda.py: losses and gradients of the fast modes (both stackings, bf16) against the baseline on the GPU.
-# 2. bench_train.py, MOSI shape: baseline, fast (shipped: modalities joined along time, bf16), fast-nostack,
-#    fast-stack-batch; then fast again under the profiler (GPU busy share, top kernels).
+# 2. bench_train.py, MOSI shape: baseline, fast (shipped: modalities joined along time, fusion feed-forward
+#    recomputed, bf16), fast-nocheckpoint, fast-stack-batch, fast-nostack; then fast again under the profiler
+#    (GPU busy share, top kernels).
 # 3. bench_train.py, MOSEI shape: baseline and fast.
 # 4. bench_fusion.py on the GPU, then metrics_report.py (bf16 against fp32, 3 seeds) with what time is left.
 # Each step prints its last lines; a step that runs out of time is cut and the next one starts.
@@ -25,11 +26,11 @@ step() {  # step NAME SECONDS COMMAND...
 }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/card.txt"
 step check_cuda 80 python benchmarks/check_cuda.py
-step mosi 200 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-nostack fast-stack-batch \
-    --timeout 60 --out "$out/mosi.json"
+step mosi 230 python benchmarks/bench_train.py --shapes mosi \
+    --modes baseline fast fast-nocheckpoint fast-stack-batch fast-nostack --timeout 55 --out "$out/mosi.json"
 step mosi_profile 50 python benchmarks/bench_train.py --shapes mosi --modes fast --steps 4 --repeats 1 --profile \
     --timeout 45 --out "$out/profile/mosi_profile.json"
-step mosei 80 python benchmarks/bench_train.py --shapes mosei --modes baseline fast --timeout 40 \
+step mosei 70 python benchmarks/bench_train.py --shapes mosei --modes baseline fast --timeout 40 \
     --out "$out/mosei.json"
 step fusion 40 python benchmarks/bench_fusion.py --quick --device cuda --out "$out/fusion"
 step metrics 40 python benchmarks/metrics_report.py --device cuda --seeds 1 2 3 --max-epochs 4 \

@@ -150,7 +150,7 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         stack_modalities=_stacking(args),
         packed_lstm=bool(args.get("packed_lstm", False)),
         checkpoint_encoder=bool(args.get("checkpoint_encoder", False)),
-        checkpoint_fusion=bool(_auto(args, "checkpoint_fusion", default=False, on_cuda=False, on_cpu=True)),
+        checkpoint_fusion=bool(_auto(args, "checkpoint_fusion", default=False, on_cuda=True, on_cpu=True)),
         modalities=tuple(args.get("modalities") or MODALITIES),
     )
 

@@ -1,0 +1,132 @@
+"""What one training step of each mode launches and keeps, counted on any device (no GPU needed, no timing).
+
+    python benchmarks/step_census.py [--shape mosi] [--as-device cuda|cpu] [--modes fast fast-nostack ...]
+
+On a GPU a step of this model is bound by kernel launches, not arithmetic (``bench_train.py --profile``: the card
+was busy 5-13 % of the step), and its peak memory is the weights, gradients and Adam states plus the activations
+kept for the backward pass. Both can be counted exactly without the card. For each mode of ``bench_train.MODES``
+(``auto`` switches resolved as on ``--as-device``), one training step on one full-length batch of the shape
+(bert-base-sized encoder with random weights, both views, every loss) is run here and counted:
+
+* ATen operations (non-view) in the forward pass per part, the backward pass and the optimizer step: each is at
+  least one kernel launch on a GPU (a packed cuDNN LSTM, one operation here, launches kernels per frame there);
+* bytes of the tensors saved for backward (unique storages, parameters excluded; bf16 autocast copies of weights
+  included), the activation memory of the step;
+* static bytes: fp32 parameters, plus a gradient and two Adam moments for every trainable one;
+* their sum, the step's predicted peak. Transients of the backward pass come on top: for the fast modes without
+  the fusion's recomputation (modalities one call each / stacked along the batch) the H100 measured 4.17 and
+  5.31 GiB where this predicts 4.11 and 4.99; for the baseline, whose explicit T x T attention matrices make
+  large transients, 8.91 against 7.84.
+
+With ``--as-device cuda`` the attention runs through PyTorch's fused kernel with the dropout switched off, as it
+runs on a GPU (the CPU's chunked dropout kernel would count its own per-chunk operations instead); dropout is an
+argument of the GPU kernel, not extra launches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import tempfile
+from pathlib import Path
+
+import torch
+from bench_train import MODES, SHAPES, make_batches, setup
+from torch.utils._python_dispatch import TorchDispatchMode
+from workspace import bert_base
+
+from mmsa_emt import LossWeights, compute_loss
+
+
+class OpCensus(TorchDispatchMode):
+    """Counts non-view ATen operations per phase ('forward:<part>', 'backward', 'optimizer')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase, self.counts = "forward", collections.Counter()
+        self.parts: list[str] = ["objective"]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.counts[f"forward:{self.parts[-1]}" if self.phase == "forward" else self.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+    def track_parts(self, model: torch.nn.Module) -> list:
+        """Forward operations are charged to the model's top-level part running them (else to the objective);
+        returns the hooks' handles."""
+        def leave(_module, _args, _output) -> None:  # a forward hook returning a value would replace the output
+            self.parts.pop()
+
+        handles = []
+        for name, child in model.named_children():
+            handles.append(child.register_forward_pre_hook(lambda _m, _a, name=name: self.parts.append(name)))
+            handles.append(child.register_forward_hook(leave))
+        return handles
+
+
+def count_step(model, optimizer, speed, batch, weights) -> tuple[collections.Counter, int]:
+    """One training step: its operation counts per phase and the bytes of the activations saved for backward."""
+    model.train()  # as train_one_epoch: from_pretrained leaves BERT in eval mode
+    counter = OpCensus()
+    hooks = counter.track_parts(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with counter:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), speed.autocast("cpu"):
+            loss = compute_loss(model, batch, weights).total
+        counter.phase = "backward"
+        loss.backward()
+        counter.phase = "optimizer"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for hook in hooks:
+        hook.remove()
+    return counter.counts, sum(saved.values())
+
+
+def census(shape: str, mode: str, encoder: str, as_device: str) -> dict:
+    model, optimizer, speed = setup(shape, mode, "cpu", encoder, as_device=as_device,
+                                    attn_dropout=0.0 if as_device == "cuda" else 0.3)
+    batch = speed.prepare(make_batches(SHAPES[shape], 1, False, encoder)[0], "cpu")
+    count_step(model, optimizer, speed, batch, LossWeights())  # the first step creates Adam's state
+    ops, saved = count_step(model, optimizer, speed, batch, LossWeights())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    static = 4 * (sum(p.numel() for p in model.parameters()) + 3 * trainable)  # fp32: grad + two Adam moments
+    return {"mode": mode, "precision": speed.precision, "ops": dict(ops), "activations_gib": saved / 2**30,
+            "static_gib": static / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="mosi", choices=sorted(SHAPES))
+    parser.add_argument("--as-device", default="cuda", choices=["cuda", "cpu"],
+                        help="resolve 'auto' switches and pick the attention path as on this device")
+    parser.add_argument("--modes", nargs="+", default=["baseline", "fast-nostack", "fast-stack-batch",
+                                                       "fast-nocheckpoint", "fast"], choices=list(MODES))
+    args = parser.parse_args()
+    print(f"{args.shape} shape, switches as on {args.as_device}, one training step counted on the CPU")
+    print(f"{'mode':18s} {'prec':5s} {'ops':>6s} {'fwd':>5s} {'bwd':>5s} {'optim':>5s}  "
+          f"{'text':>4s} {'lstm':>4s} {'fusion':>6s} {'other':>5s}  {'activ.':>7s} {'static':>7s} {'peak':>7s}")
+    with tempfile.TemporaryDirectory() as folder:
+        encoder = bert_base(Path(folder) / "bert-base")
+        for mode in dict.fromkeys(args.modes):
+            r = census(args.shape, mode, encoder, args.as_device)
+            ops = r["ops"]
+            forward = {k.split(":", 1)[1]: v for k, v in ops.items() if k.startswith("forward:")}
+            lstm = forward.get("audio_encoder", 0) + forward.get("vision_encoder", 0)
+            other = sum(forward.values()) - lstm - forward.get("text_encoder", 0) - forward.get("emt", 0)
+            print(f"{mode:18s} {r['precision']:5s} {sum(ops.values()):6d} {sum(forward.values()):5d} "
+                  f"{ops.get('backward', 0):5d} {ops.get('optimizer', 0):5d}  {forward.get('text_encoder', 0):4d} "
+                  f"{lstm:4d} {forward.get('emt', 0):6d} {other:5d}  {r['activations_gib']:6.2f}G "
+                  f"{r['static_gib']:6.2f}G {r['activations_gib'] + r['static_gib']:6.2f}G", flush=True)
+
+
+if __name__ == "__main__":
+    main()
