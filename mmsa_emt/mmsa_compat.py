@@ -173,7 +173,7 @@ def _auto(args: Mapping[str, Any], key: str, *, default: Any, on_cuda: Any, on_c
 
 def _stacking(args: Mapping[str, Any]) -> str | None:
     """``stack_modalities``: false | "time" | "batch" | "auto" ("time" on CUDA: M-fold fewer kernel launches in the
-    fusion; off on a CPU, where joining saved no time)."""
+    fusion; off on a CPU, where joining cost time and memory: benchmarks/results/cpu-2026-11-27/README.md)."""
     value = _auto(args, "stack_modalities", default=False, on_cuda="time", on_cpu=False)
     if value is False or value is None:
         return None
