@@ -17,7 +17,8 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
   ``fast-nostack`` (the modalities joined along time / padded and stacked along the batch / one fusion call each,
   whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT too / nothing),
   ``fast-bf16`` (bf16 autocast whatever the device), ``fast-packed`` (packed LSTMs), ``fast-compile``
-  (``torch.compile`` of the text encoder and the fusion).
+  (``torch.compile`` of the text encoder and the fusion), ``fast-bert32`` (BERT kept in float32 under autocast,
+  TF32 matmuls on CUDA: no per-step weight casts).
 
 Both train the same network (a bert-base-sized encoder with random weights built locally: the same compute as the
 real one) on synthetic data of the dataset's shape (``mmsa_emt.synthetic``) with half of every modality missing
@@ -59,11 +60,11 @@ SHAPES = {  # text tokens, (frames, features) of audio and vision: MMSA's unalig
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto", "packed_lstm": False,
         "checkpoint_encoder": False, "checkpoint_fusion": True, "trim_padding": True, "precision": "auto",
-        "sync_every_step": False, "fused_adam": None, "compile": False}
+        "sync_every_step": False, "fused_adam": None, "compile": False, "encoder_autocast": True}
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": None, "packed_lstm": True,
                  "checkpoint_encoder": False, "checkpoint_fusion": False, "trim_padding": False, "precision": "fp32",
-                 "sync_every_step": True, "fused_adam": False, "compile": False},
+                 "sync_every_step": True, "fused_adam": False, "compile": False, "encoder_autocast": True},
     "fast": FAST,
     "fast-fp32": {**FAST, "precision": "fp32"},
     "fast-stack": {**FAST, "stack_modalities": "time"},
@@ -74,6 +75,7 @@ MODES = {
     "fast-checkpoint": {**FAST, "checkpoint_encoder": True, "checkpoint_fusion": True},
     "fast-nocheckpoint": {**FAST, "checkpoint_encoder": False, "checkpoint_fusion": False},
     "fast-bf16": {**FAST, "precision": "bf16"},
+    "fast-bert32": {**FAST, "encoder_autocast": False},
 }
 AUTO = {"precision": ("bf16", "fp32"), "stack_modalities": ("time", None)}  # 'auto': (on CUDA, elsewhere)
 
@@ -179,7 +181,8 @@ def setup(shape_name: str, mode: str, device: str, encoder: str, *, as_device: s
                            fused_attention=switches["fused_attention"], fused_views=switches["fused_views"],
                            stack_modalities=switches["stack_modalities"], packed_lstm=switches["packed_lstm"],
                            checkpoint_encoder=switches["checkpoint_encoder"],
-                           checkpoint_fusion=switches["checkpoint_fusion"])
+                           checkpoint_fusion=switches["checkpoint_fusion"],
+                           encoder_autocast=switches["encoder_autocast"])
     torch.manual_seed(0)
     model = EMTDLFR(config).to(device)
     optimizer = build_optimizer(model, OptimConfig(), fused=switches["fused_adam"])

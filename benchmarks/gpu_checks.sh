@@ -6,10 +6,10 @@
 #
 # 1. check_cuda.py: losses and gradients of the fast modes (both stackings, bf16) against the baseline on the GPU.
 # 2. bench_train.py, MOSI shape: baseline, fast (shipped: modalities joined along time, fusion feed-forward
-#    recomputed, bf16), fast-nocheckpoint, fast-stack-batch, fast-nostack; then fast again under the profiler
-#    (GPU busy share, top kernels).
+#    recomputed, bf16), fast-bert32 (BERT in float32/TF32: no per-step weight casts), fast-nocheckpoint,
+#    fast-stack-batch, fast-nostack; then fast again under the profiler (GPU busy share, top kernels).
 # 3. bench_train.py, MOSEI shape: baseline and fast.
-# 4. bench_fusion.py on the GPU, then metrics_report.py (bf16 against fp32, 3 seeds) with what time is left.
+# 4. bench_fusion.py on the GPU (metrics_report.py --device cuda needs a slot of its own).
 # Each step prints its last lines; a step that runs out of time is cut and the next one starts.
 set -u
 cd "$(dirname "$0")/.."
@@ -25,14 +25,13 @@ step() {  # step NAME SECONDS COMMAND...
     grep -v -e "Writing model shards" -e "Loading weights" "$out/$name.log" | tail -n 14
 }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/card.txt"
-step check_cuda 80 python benchmarks/check_cuda.py
-step mosi 230 python benchmarks/bench_train.py --shapes mosi \
-    --modes baseline fast fast-nocheckpoint fast-stack-batch fast-nostack --timeout 55 --out "$out/mosi.json"
+step check_cuda 70 python benchmarks/check_cuda.py
+step mosi 270 python benchmarks/bench_train.py --shapes mosi \
+    --modes baseline fast fast-bert32 fast-nocheckpoint fast-stack-batch fast-nostack --timeout 50 \
+    --out "$out/mosi.json"
 step mosi_profile 50 python benchmarks/bench_train.py --shapes mosi --modes fast --steps 4 --repeats 1 --profile \
     --timeout 45 --out "$out/profile/mosi_profile.json"
 step mosei 70 python benchmarks/bench_train.py --shapes mosei --modes baseline fast --timeout 40 \
     --out "$out/mosei.json"
-step fusion 40 python benchmarks/bench_fusion.py --quick --device cuda --out "$out/fusion"
-step metrics 40 python benchmarks/metrics_report.py --device cuda --seeds 1 2 3 --max-epochs 4 \
-    --out "$out/metrics"
+step fusion 30 python benchmarks/bench_fusion.py --quick --device cuda --out "$out/fusion"
 echo "logs in $out"

@@ -151,6 +151,7 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         packed_lstm=bool(args.get("packed_lstm", False)),
         checkpoint_encoder=bool(args.get("checkpoint_encoder", False)),
         checkpoint_fusion=bool(_auto(args, "checkpoint_fusion", default=False, on_cuda=True, on_cpu=True)),
+        encoder_autocast=bool(args.get("encoder_autocast", True)),
         modalities=tuple(args.get("modalities") or MODALITIES),
     )
 

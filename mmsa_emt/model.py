@@ -66,6 +66,7 @@ class EMTDLFRConfig:
     packed_lstm: bool = False  # True: LSTMs over packed sequences, as the authors (nn.encoders.SequenceEncoder)
     checkpoint_encoder: bool = False  # recompute BERT's activations in backward (less memory, more encoder work)
     checkpoint_fusion: bool = False  # recompute the EMT's feed-forward blocks in backward (nn.emt.HalfMPU)
+    encoder_autocast: bool = True  # False: BERT stays float32 under autocast (nn.encoders.BertTextEncoder)
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
 
@@ -106,7 +107,8 @@ class EMTDLFR(nn.Module):
             raise ValueError(f"modalities={list(c.modalities)}: choose a non-empty subset of {list(MODALITIES)}")
         self.modalities = tuple(m for m in MODALITIES if m in c.modalities)
         if "text" in self.modalities:
-            self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert, checkpoint=c.checkpoint_encoder)
+            self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert, checkpoint=c.checkpoint_encoder,
+                                                autocast=c.encoder_autocast)
         if "audio" in self.modalities:
             self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
                                                  num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout,

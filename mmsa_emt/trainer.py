@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,20 @@ class SpeedConfig:
         kind = torch.device(device).type
         return torch.autocast(kind, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32")
 
+    @contextmanager
+    def float32_matmuls(self, device: torch.device | str) -> Iterator[None]:
+        """With bf16/fp16 asked for on CUDA, float32 matmuls left outside autocast (BERT with
+        ``encoder_autocast: false``) run on TF32 tensor cores, forward and backward; the flag is restored after."""
+        if torch.device(device).type != "cuda" or self.precision == "fp32":
+            yield
+            return
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+
     def prepare(self, batch: TwoViewBatch, device: torch.device | str) -> TwoViewBatch:
         return (batch.trimmed() if self.trim_padding else batch).to(device)
 
@@ -154,27 +169,28 @@ def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: 
     n_batches = len(bar) if bar.total is not None else None
     optimizer.zero_grad(set_to_none=True)
     i = -1
-    for i, batch in enumerate(bar):
-        batch = speed.prepare(batch, device)
-        with speed.autocast(device):
-            out = compute_loss(model, batch, weights)
-        scaler.scale(out.total).backward()
-        if (i + 1) % update_every == 0 or (n_batches is not None and i + 1 == n_batches):
-            scaler.step(optimizer)
+    with speed.float32_matmuls(device):
+        for i, batch in enumerate(bar):
+            batch = speed.prepare(batch, device)
+            with speed.autocast(device):
+                out = compute_loss(model, batch, weights)
+            scaler.scale(out.total).backward()
+            if (i + 1) % update_every == 0 or (n_batches is not None and i + 1 == n_batches):
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            if speed.sync_every_step:
+                out.total.item()
+            total_loss += out.total.detach()
+            pred_loss += out.terms["pred_incomplete"].detach()
+            preds.append(out.pred.detach())
+            labels.append(batch.labels.reshape(-1))
+            if progress and i % 10 == 0:
+                bar.set_postfix(loss=f"{out.total.item():.4f}")
+        if n_batches is None and (i + 1) % update_every:
+            scaler.step(optimizer)  # unsized iterable: flush the last partial group
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        if speed.sync_every_step:
-            out.total.item()
-        total_loss += out.total.detach()
-        pred_loss += out.terms["pred_incomplete"].detach()
-        preds.append(out.pred.detach())
-        labels.append(batch.labels.reshape(-1))
-        if progress and i % 10 == 0:
-            bar.set_postfix(loss=f"{out.total.item():.4f}")
-    if n_batches is None and (i + 1) % update_every:
-        scaler.step(optimizer)  # unsized iterable: flush the last partial group
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
     return _epoch_result(total_loss, pred_loss, i + 1, preds, labels)
 
 
@@ -188,18 +204,19 @@ def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeigh
     total_loss = torch.zeros((), device=device)
     pred_loss = torch.zeros((), device=device)
     preds, labels, feats = [], [], []
-    for batch in _progress(batches, desc, progress):
-        batch = speed.prepare(batch, device)
-        with speed.autocast(device):
-            out: LossOutput = compute_loss(model, batch, weights)
-        if speed.sync_every_step:
-            out.total.item()
-        total_loss += out.total
-        pred_loss += out.terms["pred_incomplete"]
-        preds.append(out.pred)
-        labels.append(batch.labels.reshape(-1))
-        if keep_features:
-            feats.append({**out.view.utterance, "fusion": out.view.context})
+    with speed.float32_matmuls(device):
+        for batch in _progress(batches, desc, progress):
+            batch = speed.prepare(batch, device)
+            with speed.autocast(device):
+                out: LossOutput = compute_loss(model, batch, weights)
+            if speed.sync_every_step:
+                out.total.item()
+            total_loss += out.total
+            pred_loss += out.terms["pred_incomplete"]
+            preds.append(out.pred)
+            labels.append(batch.labels.reshape(-1))
+            if keep_features:
+                feats.append({**out.view.utterance, "fusion": out.view.context})
     result = _epoch_result(total_loss, pred_loss, len(preds), preds, labels)
     if keep_features:
         result.features = {k: torch.cat([f[k] for f in feats]).float().cpu() for k in feats[0]}

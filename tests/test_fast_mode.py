@@ -82,6 +82,40 @@ def test_bf16_autocast_runs_on_cpu(tiny_config):
     assert torch.isfinite(out.total)
 
 
+@pytest.mark.parametrize("encoder_autocast", [True, False])
+def test_encoder_can_stay_float32_under_autocast(tiny_config, encoder_autocast):
+    """``encoder_autocast: false`` keeps BERT in float32 inside a bf16 autocast region (the fusion still runs in
+    bf16); BERT's output then equals its float32 output, and the step trains every parameter as before."""
+    model = EMTDLFR(tiny_config(encoder_autocast=encoder_autocast)).train()
+    model.text_encoder.eval()  # no dropout: the float32 output is reproducible
+    text = random_batch(3).text
+    linear_dtypes = set()
+    first_linear = next(m for m in model.text_encoder.modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda _m, _a, out: linear_dtypes.add(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = model.text_encoder(text)
+    assert linear_dtypes == {torch.bfloat16 if encoder_autocast else torch.float32}
+    assert torch.equal(tokens, model.text_encoder(text)) is not encoder_autocast  # float32: the same numbers
+    model.train()
+    with SpeedConfig(precision="bf16").autocast("cpu"):
+        out = compute_loss(model, random_batch(3), LossWeights())
+    out.total.backward()
+    assert torch.isfinite(out.total)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+
+
+def test_tf32_for_float32_matmuls_only_inside_a_low_precision_cuda_epoch():
+    """The TF32 switch is scoped: on with bf16 on CUDA, untouched with fp32 or on the CPU, restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    seen = {}
+    for precision, device in (("bf16", "cuda"), ("fp32", "cuda"), ("bf16", "cpu")):
+        with SpeedConfig(precision=precision).float32_matmuls(device):
+            seen[precision, device] = torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 == before
+    assert seen == {("bf16", "cuda"): True, ("fp32", "cuda"): before, ("bf16", "cpu"): before}
+
+
 @pytest.mark.parametrize("stacking", ["time", "batch"])
 def test_stacked_modalities_in_the_full_model(tiny_config, stacking):
     """The stacked fusion inside the network: same losses and gradients as the per-modality loop (float64)."""

@@ -5,6 +5,7 @@ Shape legend: b batch, l text tokens, t frames, f input features, e hidden width
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,12 +25,17 @@ class BertTextEncoder(nn.Module):
     vocab.txt. The pooler is kept (so parameter counts match the authors') but frozen: neither uses it.
     ``checkpoint``: in training, each layer's activations are recomputed in the backward pass instead of kept
     (same values and gradients; dropout masks are replayed): much less memory for about a third more encoder work.
+    ``autocast=False``: BERT computes in float32 even inside an autocast region (its matmuls then follow
+    ``torch.backends.cuda.matmul.allow_tf32``). Under autocast every BERT weight and bias is cast to the low
+    precision on every step, a kernel each way (forward and backward): about 500 of a training step's ~3,300
+    operations at the MOSI shape (benchmarks/step_census.py).
     """
 
-    def __init__(self, pretrained: str, *, finetune: bool = True, checkpoint: bool = False) -> None:
+    def __init__(self, pretrained: str, *, finetune: bool = True, checkpoint: bool = False,
+                 autocast: bool = True) -> None:
         super().__init__()
         self.bert = load_pretrained_encoder(pretrained)
-        self.finetune = finetune
+        self.finetune, self.autocast = finetune, autocast
         if getattr(self.bert, "pooler", None) is not None:
             self.bert.pooler.requires_grad_(False)
         if not finetune:
@@ -43,7 +49,8 @@ class BertTextEncoder(nn.Module):
 
     def forward(self, text: Tensor) -> Tensor:
         ids, mask, segments = text[:, 0].long(), text[:, 1].long(), text[:, 2].long()  # 3 x (b, l)
-        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+        in_float32 = torch.autocast(text.device.type, enabled=False) if not self.autocast else nullcontext()
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()), in_float32:
             return self.bert(input_ids=ids, attention_mask=mask, token_type_ids=segments).last_hidden_state  # (b, l, e)
 
 
