@@ -139,6 +139,7 @@ class EMTDLFR(nn.Module):
             input_dims={m: inputs[m] for m in self.modalities},
             predictor_dims={k: v for k, v in c.predictor_dims.items() if k == "context" or k in self.modalities},
         )
+        self.train()  # from_pretrained leaves BERT in eval mode: a new network is in one mode, training
 
     @property
     def utterance_dims(self) -> dict[str, int]:

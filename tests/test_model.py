@@ -25,6 +25,13 @@ def test_forward_shapes_for_every_sharing_combination(tiny_config, flags):
     assert view.local["vision"].shape == (4, int(batch.vision_lengths.max()), 16)
 
 
+def test_a_new_network_is_wholly_in_training_mode(tiny_config):
+    """transformers' from_pretrained returns BERT in eval mode; a new network must not hide it in training (BERT's
+    dropout would be off for anyone who trains without calling train() first)."""
+    model = EMTDLFR(tiny_config())
+    assert all(module.training for module in model.modules())
+
+
 def test_batch_size_one_inference_and_mmsa_call_without_lengths(tiny_config):
     model = EMTDLFR(tiny_config()).eval()
     batch = random_batch(1, rate=0.0)
