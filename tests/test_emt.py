@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from mmsa_emt.nn.emt import EMT, PositionalEmbedding
+from mmsa_emt.nn.emt import EMT, PositionalEmbedding, segment_runs
 
 FLAGS = list(itertools.product([True, False], repeat=3))
 
@@ -125,6 +125,14 @@ def test_joined_modalities_keep_attention_dropout_within_each_modality():
         outs.append(emt(context, [local[0], local[1], vision], masks)[1])
     torch.testing.assert_close(outs[0][1], outs[1][1])
     assert not torch.allclose(outs[0][2], outs[1][2])
+
+
+def test_segments_group_into_runs_of_equal_lengths_and_must_add_up():
+    assert segment_runs([3, 3, 3, 9], [4, 2, 3, 3], queries=18, keys=12) == [(1, 3, 4), (1, 3, 2), (1, 3, 3),
+                                                                              (1, 9, 3)]
+    assert segment_runs([3, 3, 3, 4, 2], [3, 3, 3, 4, 2], queries=15, keys=15) == [(3, 3, 3), (1, 4, 4), (1, 2, 2)]
+    with pytest.raises(ValueError, match=r"do not pair up 10 queries with 6 keys"):
+        segment_runs([3, 3], [3, 3], queries=10, keys=6)
 
 
 def test_stacking_needs_modality_sharing():

@@ -27,7 +27,7 @@ class BertTextEncoder(nn.Module):
     (same values and gradients; dropout masks are replayed): much less memory for about a third more encoder work.
     ``autocast=False``: BERT computes in float32 even inside an autocast region (its matmuls then follow
     ``torch.backends.cuda.matmul.allow_tf32``). Under autocast every BERT weight and bias is cast to the low
-    precision on every step, a kernel each way (forward and backward): about 500 of a training step's ~3,300
+    precision on every step, a kernel each way (forward and backward): about 520 of a training step's ~3,050
     operations at the MOSI shape (benchmarks/step_census.py).
     """
 
