@@ -19,6 +19,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .nn.dropout import Dropout
 from .nn.emt import EMT
 from .nn.encoders import BertTextEncoder, SequenceEncoder
 from .objective import DualLevelRestoration
@@ -128,7 +129,7 @@ class EMTDLFR(nn.Module):
                        stack_modalities=c.stack_modalities, checkpoint_ff=c.checkpoint_fusion)
         context_dim = len(self.modalities) * c.d_model
         self.head = nn.Sequential(
-            nn.Dropout(c.post_fusion_dropout),
+            Dropout(c.post_fusion_dropout),
             nn.Linear(sum(widths.values()) + context_dim, c.post_fusion_dim), nn.ReLU(),
             nn.Linear(c.post_fusion_dim, c.post_fusion_dim), nn.ReLU(),
             nn.Linear(c.post_fusion_dim, 1),

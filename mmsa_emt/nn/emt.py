@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .chunked_attention import chunked_dropout_attention
+from .dropout import Dropout
 
 STACKINGS = (None, "time", "batch")  # EMT's ways to run all modalities in one call (None: one call each)
 Segments = tuple[Sequence[int], Sequence[int]]  # (query lengths, key lengths) of sequences joined along time
@@ -123,7 +124,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.proj_in = nn.Linear(dim, dim * mult * 2)
         self.proj_out = nn.Linear(dim * mult, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         x, gate = self.proj_in(x).chunk(2, dim=-1)  # 2 x (b, t, mult*d)
@@ -192,7 +193,7 @@ class PositionalEmbedding(nn.Module):
     def __init__(self, dim: int, *, max_len: int = 1024, learnable: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         self.dim, self.max_len = dim, max_len
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.table = nn.Parameter(torch.randn(1, max_len, dim)) if learnable else None
 
     def sinusoid(self, length: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -1,0 +1,53 @@
+"""Dropout whose CPU mask comes from numpy's PCG64 generator instead of torch's CPU generator.
+
+On 2 CPU cores torch's ``bernoulli_`` took 9.6 ns per element: BERT-base's 25 hidden dropouts at the MOSI text
+shape (64 x 25 x 768) cost 12 ms each, ~9 % of a training step; numpy's PCG64 draws the same mask in a quarter
+of the time. The seed is drawn from torch's generator, so ``torch.manual_seed`` still fixes a run and
+``torch.utils.checkpoint`` (which restores torch's generator before recomputing) replays the same mask. Same
+function as ``nn.Dropout``: each element is kept with probability 1 - p and scaled by 1 / (1 - p); only the
+random stream differs. Only a boolean mask (1 byte per element) is kept for the backward pass. Elsewhere than on
+the CPU, and in eval mode, this is ``nn.Dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .chunked_attention import keep_mask
+
+
+class _KeepAndScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None, None
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the CPU mask drawn by numpy (see the module docstring); same ``p``, same state dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        keep = keep_mask(seed, 0, tuple(x.shape), self.p)
+        return _KeepAndScale.apply(x, keep, 1.0 / (1.0 - self.p))
+
+
+def replace_dropouts(module: nn.Module) -> int:
+    """Swaps every ``nn.Dropout`` inside ``module`` (e.g. a transformers BERT) for :class:`Dropout` with the same
+    ``p``; returns how many were swapped."""
+    swapped = 0
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                setattr(parent, name, Dropout(child.p))
+                swapped += 1
+    return swapped
