@@ -51,3 +51,12 @@ def test_bert_dropouts_are_swapped_and_state_dict_unchanged(tiny_config):
     assert replace_dropouts(bert) == 2
     assert [m.p for m in bert.modules() if isinstance(m, Dropout)] == [0.2, 0.1]
     assert list(bert.state_dict()) == keys
+
+
+def test_class_switch_falls_back_to_torch_kernel(monkeypatch):
+    x = torch.randn(8, 16)
+    monkeypatch.setattr(Dropout, "numpy_on_cpu", False)
+    torch.manual_seed(3)
+    ours = Dropout(0.4).train()(x)
+    torch.manual_seed(3)
+    assert torch.equal(ours, nn.Dropout(0.4).train()(x))

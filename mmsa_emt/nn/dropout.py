@@ -11,6 +11,8 @@ the CPU, and in eval mode, this is ``nn.Dropout``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -31,10 +33,17 @@ class _KeepAndScale(torch.autograd.Function):
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the CPU mask drawn by numpy (see the module docstring); same ``p``, same state dict."""
+    """``nn.Dropout`` with the CPU mask drawn by numpy (see the module docstring); same ``p``, same state dict.
+
+    ``Dropout.numpy_on_cpu = False`` (class-wide) falls back to torch's kernel, as benchmarks/step_census.py does
+    to count a step as it runs on a GPU.
+    """
+
+    numpy_on_cpu: ClassVar[bool] = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or not 0.0 < self.p < 1.0 or x.device.type != "cpu" or self.inplace:
+        if not (self.numpy_on_cpu and self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu"
+                and not self.inplace):
             return super().forward(x)
         seed = int(torch.randint(0, 2**62, (1,)).item())
         keep = keep_mask(seed, 0, tuple(x.shape), self.p)
