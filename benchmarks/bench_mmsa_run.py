@@ -7,10 +7,10 @@ What a user runs: ``MMSA_run('EMT-DLFR', 'mosi', config_file=..., seeds=[1])`` w
 (a bert-base-sized encoder with random weights, built locally), one epoch (``max_epochs: 1``): data loading, model
 building, the training epoch, validation, reloading the best weights and the test. Baseline mode switches the
 config to the authors' way of computing (``fused_attention``, ``fused_views``, ``trim_padding`` off, ``precision:
-fp32``, ``stack_modalities`` off); fast mode is the shipped config (``precision: auto``: bf16 on CUDA). The data
-have MOSI's sequence lengths (``--quick``: a quarter of them, and fewer samples) and ``--scale`` of its split sizes.
-Each mode runs once in its own process after an untimed run of the same mode (caches, CUDA start); printed: wall
-seconds per run, the training samples per second this implies, and the ratio.
+fp32``, ``stack_modalities`` and ``numpy_dropout`` off); fast mode is the shipped config (``precision: auto``:
+bf16 on CUDA). The data have MOSI's sequence lengths (``--quick``: a quarter of them, and fewer samples) and
+``--scale`` of its split sizes. Each mode runs once in its own process after an untimed run of the same mode
+(caches, CUDA start); printed: wall seconds per run, the training samples per second this implies, and the ratio.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from workspace import bert_base, write_workspace
 
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "trim_padding": False, "precision": "fp32",
-                 "stack_modalities": False},
+                 "stack_modalities": False, "numpy_dropout": False},
     "fast": {"precision": "auto"},
 }
 

@@ -6,8 +6,8 @@
 Modes (``MODES``; each is a set of config switches, see the README's speed section):
 
 * ``baseline`` computes the way the authors' code does: fp32, explicit attention score matrices, the complete and
-  incomplete views in two encoder passes, LSTMs over packed sequences, full padding, per-tensor Adam, the loss
-  read back to the host every step;
+  incomplete views in two encoder passes, LSTMs over packed sequences, full padding, per-tensor Adam, torch's
+  dropout masks, the loss read back to the host every step;
 * ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over
   the padded batch (``packed_lstm: false``), each batch cut to its longest sequences, no per-step host sync, fused
   Adam, the activations of the fusion's feed-forward blocks recomputed in the backward pass instead of kept
@@ -60,11 +60,13 @@ SHAPES = {  # text tokens, (frames, features) of audio and vision: MMSA's unalig
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto", "packed_lstm": False,
         "checkpoint_encoder": False, "checkpoint_fusion": True, "trim_padding": True, "precision": "auto",
-        "sync_every_step": False, "fused_adam": None, "compile": False, "encoder_autocast": True}
+        "sync_every_step": False, "fused_adam": None, "compile": False, "encoder_autocast": True,
+        "numpy_dropout": True}
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": None, "packed_lstm": True,
                  "checkpoint_encoder": False, "checkpoint_fusion": False, "trim_padding": False, "precision": "fp32",
-                 "sync_every_step": True, "fused_adam": False, "compile": False, "encoder_autocast": True},
+                 "sync_every_step": True, "fused_adam": False, "compile": False, "encoder_autocast": True,
+                 "numpy_dropout": False},
     "fast": FAST,
     "fast-fp32": {**FAST, "precision": "fp32"},
     "fast-stack": {**FAST, "stack_modalities": "time"},
@@ -182,7 +184,7 @@ def setup(shape_name: str, mode: str, device: str, encoder: str, *, as_device: s
                            stack_modalities=switches["stack_modalities"], packed_lstm=switches["packed_lstm"],
                            checkpoint_encoder=switches["checkpoint_encoder"],
                            checkpoint_fusion=switches["checkpoint_fusion"],
-                           encoder_autocast=switches["encoder_autocast"])
+                           encoder_autocast=switches["encoder_autocast"], numpy_dropout=switches["numpy_dropout"])
     torch.manual_seed(0)
     model = EMTDLFR(config).to(device)
     optimizer = build_optimizer(model, OptimConfig(), fused=switches["fused_adam"])

@@ -4,9 +4,10 @@
                                         [--variants fp32 bf16] [--out saved_results/metrics_report]
 
 Variants (``VARIANTS``, config overrides): ``fp32`` and ``bf16`` (precision, the rest shipped), ``baseline`` (the
-authors' way: explicit attention, two passes, packed LSTMs, full padding, no stacking or recomputation, fp32) and
-``shipped`` (the config as shipped for the device), ``authors-kernels`` (shipped, but explicit attention matrices,
-packed LSTMs and nothing recomputed: on a CPU, the same dropout as the authors' code instead of the chunked one).
+authors' way: explicit attention, two passes, packed LSTMs, full padding, no stacking or recomputation, fp32,
+torch's dropout masks) and ``shipped`` (the config as shipped for the device), ``authors-kernels`` (shipped, but
+explicit attention matrices, packed LSTMs, torch's dropout masks and nothing recomputed: on a CPU, the same
+dropout as the authors' code instead of the chunked attention and numpy's masks).
 
 A synthetic MOSI-shaped dataset (``mmsa_emt.synthetic``: sentiment-template sentences, audio and vision carrying the
 label with strength 3) and a small randomly initialised BERT are written to ``--out``; then, for each variant, the
@@ -39,9 +40,10 @@ VARIANTS = {
     "bf16": {"precision": "bf16"},
     "baseline": {"fused_attention": False, "fused_views": False, "packed_lstm": True, "trim_padding": False,
                  "stack_modalities": False, "checkpoint_fusion": False, "checkpoint_encoder": False,
-                 "precision": "fp32"},
+                 "precision": "fp32", "numpy_dropout": False},
     "shipped": {},
-    "authors-kernels": {"fused_attention": False, "packed_lstm": True, "checkpoint_fusion": False},
+    "authors-kernels": {"fused_attention": False, "packed_lstm": True, "checkpoint_fusion": False,
+                        "numpy_dropout": False},
 }
 SMALL_MODEL = {"d_model": 32, "a_lstm_hidden_size": 16, "v_lstm_hidden_size": 16, "post_fusion_dim": 32,
                "fusion_layers": 2, "batch_size": 16, "learning_rate_other": 2e-3, "learning_rate_bert": 1e-4}

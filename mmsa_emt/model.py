@@ -68,6 +68,7 @@ class EMTDLFRConfig:
     checkpoint_encoder: bool = False  # recompute BERT's activations in backward (less memory, more encoder work)
     checkpoint_fusion: bool = False  # recompute the EMT's feed-forward blocks in backward (nn.emt.HalfMPU)
     encoder_autocast: bool = True  # False: BERT stays float32 under autocast (nn.encoders.BertTextEncoder)
+    numpy_dropout: bool = True  # CPU dropout masks from numpy's generator (nn.dropout); False: torch's, as the authors
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
 
@@ -140,6 +141,10 @@ class EMTDLFR(nn.Module):
             input_dims={m: inputs[m] for m in self.modalities},
             predictor_dims={k: v for k, v in c.predictor_dims.items() if k == "context" or k in self.modalities},
         )
+        if not c.numpy_dropout:
+            for module in self.modules():
+                if isinstance(module, Dropout):
+                    module.numpy_on_cpu = False
         self.train()  # from_pretrained leaves BERT in eval mode: a new network is in one mode, training
 
     @property

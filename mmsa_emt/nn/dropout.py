@@ -35,8 +35,8 @@ class _KeepAndScale(torch.autograd.Function):
 class Dropout(nn.Dropout):
     """``nn.Dropout`` with the CPU mask drawn by numpy (see the module docstring); same ``p``, same state dict.
 
-    ``Dropout.numpy_on_cpu = False`` (class-wide) falls back to torch's kernel, as benchmarks/step_census.py does
-    to count a step as it runs on a GPU.
+    ``numpy_on_cpu = False`` (on an instance, or class-wide) falls back to torch's kernel: the config's
+    ``numpy_dropout: false`` (the authors' random stream) and benchmarks/step_census.py (a step as on a GPU).
     """
 
     numpy_on_cpu: ClassVar[bool] = True
