@@ -11,8 +11,6 @@ the CPU, and in eval mode, this is ``nn.Dropout``.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +37,7 @@ class Dropout(nn.Dropout):
     ``numpy_dropout: false`` (the authors' random stream) and benchmarks/step_census.py (a step as on a GPU).
     """
 
-    numpy_on_cpu: ClassVar[bool] = True
+    numpy_on_cpu: bool = True  # a class default that an instance may override
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.numpy_on_cpu and self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu"
