@@ -25,6 +25,11 @@ from torch import Tensor
 CHUNK_ELEMENTS = 2**20  # scores per chunk (4 MB in float32: fastest of 2^17..2^23 on 2 cores at 500 frames)
 
 
+def draw_seed() -> int:
+    """A mask seed drawn from torch's generator, so that ``torch.manual_seed`` fixes the masks too."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
 def keep_mask(seed: int, chunk: int, shape: tuple[int, ...], p: float) -> Tensor:
     """The dropout keep-mask of one chunk: True with probability 1 - p, a pure function of (seed, chunk)."""
     rng = np.random.default_rng([seed, chunk])
@@ -87,7 +92,7 @@ def chunked_dropout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor 
     b, h, i, e = q.shape
     j = k.shape[2]
     if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = draw_seed()
     bias = torch.zeros(b, 1, 1, j, dtype=q.dtype, device=q.device)
     if key_mask is not None:
         bias = bias.masked_fill(~key_mask, torch.finfo(q.dtype).min)

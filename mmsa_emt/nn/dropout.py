@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .chunked_attention import keep_mask
+from .chunked_attention import draw_seed, keep_mask
 
 
 class _KeepAndScale(torch.autograd.Function):
@@ -43,8 +43,7 @@ class Dropout(nn.Dropout):
         if not (self.numpy_on_cpu and self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu"
                 and not self.inplace):
             return super().forward(x)
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-        keep = keep_mask(seed, 0, tuple(x.shape), self.p)
+        keep = keep_mask(draw_seed(), 0, tuple(x.shape), self.p)
         return _KeepAndScale.apply(x, keep, 1.0 / (1.0 - self.p))
 
 
