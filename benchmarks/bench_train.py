@@ -39,6 +39,7 @@ modes also count host synchronisations in one training step (``torch.cuda.set_sy
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import resource
@@ -51,6 +52,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from workspace import bert_base
 
 SHAPES = {  # text tokens, (frames, features) of audio and vision: MMSA's unaligned feature files
@@ -132,21 +134,38 @@ def count_host_syncs(step) -> tuple[int, str]:
     return len(syncs), syncs[0][:300] if syncs else ""
 
 
+class OpCensus(TorchDispatchMode):
+    """Counts non-view ATen operations per phase ('forward:<part>', 'backward', 'optimizer')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase, self.counts = "forward", collections.Counter()
+        self.parts: list[str] = ["objective"]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.counts[f"forward:{self.parts[-1]}" if self.phase == "forward" else self.phase] += 1
+        return func(*args, **(kwargs or {}))
+
+    def track_parts(self, model: torch.nn.Module) -> list:
+        """Forward operations are charged to the model's top-level part running them (else to the objective);
+        returns the hooks' handles."""
+        def leave(_module, _args, _output) -> None:  # a forward hook returning a value would replace the output
+            self.parts.pop()
+
+        handles = []
+        for name, child in model.named_children():
+            handles.append(child.register_forward_pre_hook(lambda _m, _a, name=name: self.parts.append(name)))
+            handles.append(child.register_forward_hook(leave))
+        return handles
+
+
 def count_ops(step) -> int:
     """Non-view ATen operations dispatched during ``step()``, backward included: each launches at least one
     kernel on a GPU, so this is the device-independent measure of launch overhead."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Counter(TorchDispatchMode):
-        ops = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops += not func.is_view
-            return func(*args, **(kwargs or {}))
-
-    with Counter() as counter:
+    with OpCensus() as counter:
         step()
-    return counter.ops
+    return sum(counter.counts.values())
 
 
 def profile_step(step, path: Path) -> float:

@@ -32,38 +32,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_train import MODES, SHAPES, make_batches, setup
-from torch.utils._python_dispatch import TorchDispatchMode
+from bench_train import MODES, SHAPES, OpCensus, make_batches, setup
 from workspace import bert_base
 
 from mmsa_emt import LossWeights, compute_loss
 from mmsa_emt.nn.dropout import Dropout
-
-
-class OpCensus(TorchDispatchMode):
-    """Counts non-view ATen operations per phase ('forward:<part>', 'backward', 'optimizer')."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.phase, self.counts = "forward", collections.Counter()
-        self.parts: list[str] = ["objective"]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.counts[f"forward:{self.parts[-1]}" if self.phase == "forward" else self.phase] += 1
-        return func(*args, **(kwargs or {}))
-
-    def track_parts(self, model: torch.nn.Module) -> list:
-        """Forward operations are charged to the model's top-level part running them (else to the objective);
-        returns the hooks' handles."""
-        def leave(_module, _args, _output) -> None:  # a forward hook returning a value would replace the output
-            self.parts.pop()
-
-        handles = []
-        for name, child in model.named_children():
-            handles.append(child.register_forward_pre_hook(lambda _m, _a, name=name: self.parts.append(name)))
-            handles.append(child.register_forward_hook(leave))
-        return handles
 
 
 def count_step(model, optimizer, speed, batch, weights) -> tuple[collections.Counter, int]:
