@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from workspace import resolve_device
 
 from mmsa_emt.nn.emt import EMT, Attention, FeedForward, PositionalEmbedding
 
@@ -332,7 +333,7 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device available")
     frames = sorted(set(args.frames or (QUICK_FRAMES if args.quick else DEFAULT_FRAMES)))

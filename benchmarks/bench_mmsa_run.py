@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from workspace import bert_base, write_workspace
+from workspace import bert_base, resolve_device, write_workspace
 
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "trim_padding": False, "precision": "fp32",
@@ -57,7 +56,7 @@ def main() -> None:
     parser.add_argument("--out", default="saved_results/bench_mmsa_run")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     out = Path(args.out) / device
     if args.worker:
         print(json.dumps({"seconds": worker(args.worker[0], device, out, args.worker[1])}))

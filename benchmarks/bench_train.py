@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from workspace import bert_base
+from workspace import bert_base, resolve_device
 
 SHAPES = {  # text tokens, (frames, features) of audio and vision: MMSA's unaligned feature files
     "mosi": {"text": 50, "audio": (375, 5), "vision": (500, 20), "batch": 32},
@@ -330,7 +330,7 @@ def main() -> None:
                                 args.steps, args.repeats)))
         return
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     if args.quick:
         print("--quick: 4 steps x 2 repeats, audio/vision sequences cut to a quarter of the dataset's length")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from workspace import write_workspace
+from workspace import resolve_device, write_workspace
 
 from mmsa_emt.robustness import metrics_for, sweep, to_markdown
 from mmsa_emt.synthetic import write_tiny_bert
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=10)
     parser.add_argument("--out", default="saved_results/metrics_report")
     args = parser.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     out = Path(args.out) / device
     encoder = out / "bert"
     if not (encoder / "config.json").is_file():

@@ -11,6 +11,15 @@ from mmsa_emt.demo import DEFAULT_CONFIG
 from mmsa_emt.synthetic import write_dataset
 
 
+def resolve_device(choice: str) -> str:
+    """A benchmark's ``--device``: 'auto' is CUDA when there is one, else the CPU."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def bert_base(folder: Path) -> str:
     """A bert-base-uncased-sized encoder with random weights and a small vocab.txt (nothing downloaded): the same
     compute and parameter count as the real one."""
