@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .nn.dropout import Dropout
 from .nn.emt import EMT
 from .nn.encoders import BertTextEncoder, SequenceEncoder
+from .nn.transfer import to_device
 from .objective import DualLevelRestoration
 from .registry import register_model
 
@@ -155,7 +156,7 @@ class EMTDLFR(nn.Module):
         return {m: widths[m]() for m in self.modalities}
 
     def encode(self, modality: str, x: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        """One modality -> (utterance vector (b, w), local sequence (b, t, w), valid lengths (b,))."""
+        """One modality -> (utterance vector (b, w), local sequence (b, t, w), valid lengths (b,) on x's device)."""
         if modality == "text":
             tokens = self.text_encoder(x)  # (b, l, e)
             lengths = (x[:, 1].sum(dim=1).long() - 2).clamp(min=1)  # tokens between [CLS] and [SEP]
@@ -163,7 +164,7 @@ class EMTDLFR(nn.Module):
         encoder = self.audio_encoder if modality == "audio" else self.vision_encoder
         lengths = lengths.clamp(min=1)
         local, utterance = encoder(x, lengths)  # (b, max(lengths), out), (b, out)
-        return utterance, local, lengths
+        return utterance, local, to_device(lengths, x.device)
 
     def forward_view(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor,
                      vision_lengths: Tensor) -> ViewOutput:
@@ -173,7 +174,7 @@ class EMTDLFR(nn.Module):
         utterance = {m: u for m, (u, _, _) in encoded.items()}
         context = torch.stack([self.projections[m](utterance[m]) for m in self.modalities], dim=1)  # G: (b, m, d)
         local = [self.projections[m](seq) for m, (_, seq, _) in encoded.items()]  # (b, t_m, d) each
-        masks = [length_mask(n.to(seq.device), seq.shape[1]) for (_, seq, n) in encoded.values()]
+        masks = [length_mask(n, seq.shape[1]) for (_, seq, n) in encoded.values()]
         context, promoted = self.emt(context, local, masks)
         context = rearrange(context, "b m d -> b (m d)")
         pred = self.head(torch.cat([*utterance.values(), context], dim=-1))  # (b, 1)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .nn.transfer import to_device
+
 if TYPE_CHECKING:
     from .model import EMTDLFR, ViewOutput
 
@@ -134,13 +136,10 @@ class TwoViewBatch:
 
         Towards CUDA the host tensors go through pinned memory, so the copies run without blocking the host.
         """
-        pin = torch.device(device).type == "cuda"
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if not name.endswith("_lengths"):
-                if pin and value.device.type == "cpu":
-                    value = value.contiguous().pin_memory()
-                moved[name] = value.to(device, non_blocking=True)
+                moved[name] = to_device(value, device)
         return TwoViewBatch(**moved)
 
 

@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoConfig, AutoModel
 
 from .dropout import Dropout, replace_dropouts
+from .transfer import to_device
 
 
 class EncoderNotFoundError(OSError):
@@ -129,7 +130,7 @@ class SequenceEncoder(nn.Module):
         else:
             steps = int(lengths.max())
             local, _ = self.rnn(x[:, :steps])  # (b, max(lengths), e)
-            lengths = lengths.to(x.device)
+            lengths = to_device(lengths, x.device)  # no host sync (a plain .to() of CPU memory waits for the GPU)
             last = local[torch.arange(len(local), device=x.device), lengths - 1]  # (b, e)
             valid = torch.arange(steps, device=x.device)[None] < lengths[:, None]  # (b, max(lengths))
             local = local * valid[..., None].to(local.dtype)
