@@ -162,6 +162,23 @@ def test_positional_embedding_sinusoid_odd_width_and_learnable_limit():
         learnable(torch.zeros(1, 9, 4))
 
 
+def test_positional_sinusoid_cache_equals_a_fresh_table_at_every_length():
+    """The table is built once (max_len rows, or more for a longer sequence) and sliced: each slice must equal the
+    table computed for that length alone, in each dtype, and a table first built under inference_mode must still
+    serve training with gradients."""
+    pe = PositionalEmbedding(6, max_len=8)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        pe(torch.zeros(1, 3, 6))  # first built here
+    for length in (1, 8, 13, 5):  # 13 > max_len: rebuilt longer
+        assert torch.equal(pe.sinusoid(length, cpu, torch.float32), pe._sinusoid_table(length, cpu))
+    assert pe._sinusoids[(cpu, torch.float32)].shape[1] == 13
+    assert torch.equal(pe.sinusoid(4, cpu, torch.float64), pe._sinusoid_table(4, cpu).double())
+    x = torch.randn(2, 13, 6, requires_grad=True)
+    pe(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
 def test_heads_must_divide_width():
     with pytest.raises(ValueError, match="d_model=10.*heads=4"):
         EMT(10, depth=1, heads=4)

@@ -195,14 +195,26 @@ class PositionalEmbedding(nn.Module):
         self.dim, self.max_len = dim, max_len
         self.dropout = Dropout(dropout)
         self.table = nn.Parameter(torch.randn(1, max_len, dim)) if learnable else None
+        self._sinusoids: dict[tuple[torch.device, torch.dtype], Tensor] = {}  # cache, not state
 
     def sinusoid(self, length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The fixed table's first ``length`` rows (1, t, d). Each row depends on its position alone, so the table
+        is built once per device and dtype, for max_len rows or the longest sequence seen, and sliced after
+        (9 kernels per modality and view saved)."""
+        table = self._sinusoids.get((device, dtype))
+        if table is None or table.shape[1] < length:
+            with torch.inference_mode(False), torch.no_grad():
+                table = self._sinusoid_table(max(length, self.max_len), device).to(dtype)
+            self._sinusoids[(device, dtype)] = table
+        return table[:, :length]
+
+    def _sinusoid_table(self, length: int, device: torch.device) -> Tensor:
         position = torch.arange(length, device=device, dtype=torch.float32)[:, None]  # (t, 1)
         freq = torch.exp(torch.arange(0, self.dim, 2, device=device).float() * (-math.log(10000.0) / self.dim))
         table = torch.zeros(length, self.dim, device=device)
         table[:, 0::2] = torch.sin(position * freq)
         table[:, 1::2] = torch.cos(position * freq[: self.dim // 2])  # odd d: one cosine fewer, as the authors
-        return table.to(dtype)[None]  # (1, t, d)
+        return table[None]  # (1, t, d)
 
     def forward(self, x: Tensor) -> Tensor:
         length = x.shape[1]
