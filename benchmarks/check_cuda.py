@@ -12,7 +12,10 @@ largest per-tensor value):
 * fast fp32 with the modalities joined along time and stacked along the batch (``stack_modalities``) against the
   per-modality loop;
 * the same model on CUDA against the CPU (fp32);
-* bf16 autocast against fp32 (expected near 1e-2: bf16 keeps 8 bits of mantissa).
+* bf16 autocast against fp32 (expected near 1e-2: bf16 keeps 8 bits of mantissa);
+* bf16 with BERT's Linear weights cast in one concatenation (``encoder_cast_once: true``) against autocast's
+  casts one by one (shipped): the same rounding, so the same numbers up to the order of the GPU's atomic additions (the
+  next line, the same run twice, shows that noise).
 """
 
 from __future__ import annotations
@@ -83,7 +86,12 @@ def main() -> None:
             ok &= compare(f"modalities stacked ({stacking}) vs per-modality loop (fp32)", fast, stacked, 1e-5)
         cpu = run(build(encoder, "cpu", state), batch, "cpu", fp32)
         compare(f"{device} vs cpu (fp32)", cpu, fast, None)
-        compare("bf16 autocast vs fp32", fast, run(build(encoder, device, state), batch, device, bf16), None)
+        half = run(build(encoder, device, state), batch, device, bf16)
+        compare("bf16 autocast vs fp32", fast, half, None)
+        once = run(build(encoder, device, state, encoder_cast_once=True), batch, device, bf16)
+        compare("bf16: BERT weights cast at once vs one by one", half, once, None)
+        compare("bf16: one by one, run to run (the GPU's noise)", half,
+                run(build(encoder, device, state), batch, device, bf16), None)
     print("all checks passed" if ok else "SOME CHECKS FAILED")
 
 

@@ -152,6 +152,7 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         checkpoint_encoder=bool(args.get("checkpoint_encoder", False)),
         checkpoint_fusion=bool(_auto(args, "checkpoint_fusion", default=False, on_cuda=True, on_cpu=True)),
         encoder_autocast=bool(args.get("encoder_autocast", True)),
+        encoder_cast_once=bool(args.get("encoder_cast_once", False)),
         numpy_dropout=bool(args.get("numpy_dropout", True)),
         modalities=tuple(args.get("modalities") or MODALITIES),
     )

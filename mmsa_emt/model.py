@@ -69,6 +69,7 @@ class EMTDLFRConfig:
     checkpoint_encoder: bool = False  # recompute BERT's activations in backward (less memory, more encoder work)
     checkpoint_fusion: bool = False  # recompute the EMT's feed-forward blocks in backward (nn.emt.HalfMPU)
     encoder_autocast: bool = True  # False: BERT stays float32 under autocast (nn.encoders.BertTextEncoder)
+    encoder_cast_once: bool = False  # under autocast, BERT's Linear weights cast in one go (same numbers)
     numpy_dropout: bool = True  # CPU dropout masks from numpy's generator (nn.dropout); False: torch's, as the authors
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
@@ -111,7 +112,7 @@ class EMTDLFR(nn.Module):
         self.modalities = tuple(m for m in MODALITIES if m in c.modalities)
         if "text" in self.modalities:
             self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert, checkpoint=c.checkpoint_encoder,
-                                                autocast=c.encoder_autocast)
+                                                autocast=c.encoder_autocast, cast_once=c.encoder_cast_once)
         if "audio" in self.modalities:
             self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
                                                  num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout,

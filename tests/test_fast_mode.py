@@ -217,3 +217,39 @@ def test_encoder_checkpointing_recomputes_and_changes_nothing(tiny_config):
         torch.testing.assert_close(terms[key], value, rtol=1e-10, atol=1e-12, msg=key)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_casting_bert_weights_once_gives_autocasts_values_and_gradients(tiny_config):
+    """``encoder_cast_once``: under bf16 autocast, BERT's Linear weights cast in one concatenation give exactly
+    the output and every gradient of autocast's per-weight casts (same seed, dropout on), in far fewer operations;
+    with checkpoint_encoder it is off (a recomputed layer would see the float32 weights)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view  # views launch nothing
+            return func(*args, **(kwargs or {}))
+
+    text, results = random_batch(3).text, []
+    for cast_once in (False, True):
+        torch.manual_seed(0)
+        model = EMTDLFR(tiny_config(encoder_cast_once=cast_once)).train()
+        Count.n = 0
+        with Count(), torch.autocast("cpu", dtype=torch.bfloat16):
+            tokens = model.text_encoder(text)
+            tokens.float().square().sum().backward()
+        grads = {n: p.grad for n, p in model.text_encoder.named_parameters() if p.grad is not None}
+        results.append((tokens, grads, Count.n))
+    (tokens_each, grads_each, ops_each), (tokens_once, grads_once, ops_once) = results
+    assert torch.equal(tokens_once, tokens_each)
+    assert grads_once.keys() == grads_each.keys() and len(grads_once) > 20
+    for name, grad in grads_each.items():
+        assert grads_once[name].dtype == torch.float32 and torch.equal(grads_once[name], grad), name
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.text_encoder.modules())
+    # autocast: weight + bias cast per Linear, forward and backward (none for the frozen pooler); here a cat and
+    # a conversion each way, plus zeros for the pooler's missing gradients
+    assert ops_each - ops_once >= 4 * linears - 10
+    assert all(isinstance(getattr(m, attr), torch.nn.Parameter) for m, attr in model.text_encoder._linears)  # restored
+    assert not EMTDLFR(tiny_config(encoder_cast_once=True, checkpoint_encoder=True)).text_encoder.cast_once

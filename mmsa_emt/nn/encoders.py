@@ -5,7 +5,8 @@ Shape legend: b batch, l text tokens, t frames, f input features, e hidden width
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -32,13 +33,20 @@ class BertTextEncoder(nn.Module):
     ``torch.backends.cuda.matmul.allow_tf32``). Under autocast every BERT weight and bias is cast to the low
     precision on every step, a kernel each way (forward and backward): about 520 of a training step's ~3,050
     operations at the MOSI shape (benchmarks/step_census.py).
+    ``cast_once=True`` (used under autocast, without ``checkpoint``): the Linear layers' weights and biases are
+    cast together, in one concatenated tensor, and BERT runs on slices of it (``cast_linear_weights``): the same
+    values and gradients as autocast's casts, in a few kernels instead of ~290 per training step. Off by default
+    until it is timed on a GPU (``benchmarks/bench_train.py --modes fast fast-castonce``).
     """
 
     def __init__(self, pretrained: str, *, finetune: bool = True, checkpoint: bool = False,
-                 autocast: bool = True) -> None:
+                 autocast: bool = True, cast_once: bool = False) -> None:
         super().__init__()
         self.bert = load_pretrained_encoder(pretrained)
         self.finetune, self.autocast = finetune, autocast
+        self.cast_once = cast_once and not checkpoint  # a recomputed layer would run on the float32 weights
+        self._linears = [(module, kind) for module in self.bert.modules() if isinstance(module, nn.Linear)
+                         for kind in ("weight", "bias") if getattr(module, kind) is not None]
         if getattr(self.bert, "pooler", None) is not None:
             self.bert.pooler.requires_grad_(False)
         if not finetune:
@@ -53,9 +61,43 @@ class BertTextEncoder(nn.Module):
 
     def forward(self, text: Tensor) -> Tensor:
         ids, mask, segments = text[:, 0].long(), text[:, 1].long(), text[:, 2].long()  # 3 x (b, l)
-        in_float32 = torch.autocast(text.device.type, enabled=False) if not self.autocast else nullcontext()
+        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": segments}
+        kind = text.device.type
+        in_float32 = torch.autocast(kind, enabled=False) if not self.autocast else nullcontext()
         with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()), in_float32:
-            return self.bert(input_ids=ids, attention_mask=mask, token_type_ids=segments).last_hidden_state  # (b, l, e)
+            if self.cast_once and torch.is_autocast_enabled(kind):
+                weights = cast_linear_weights([getattr(m, attr) for m, attr in self._linears],
+                                              torch.get_autocast_dtype(kind))
+                with substituted(self._linears, weights):
+                    return self.bert(**inputs).last_hidden_state  # (b, l, e)
+            return self.bert(**inputs).last_hidden_state  # (b, l, e)
+
+
+@contextmanager
+def substituted(slots: list[tuple[nn.Module, str]], tensors: list[Tensor]) -> Iterator[None]:
+    """Within the block, each module's parameter ``attr`` reads as the given tensor; restored after, whatever
+    happens. (torch.func.functional_call does the same but walks the whole module on every call: +4 ms of Python
+    per BERT forward on this CPU, on a path whose point is to save host time.)"""
+    saved = [(module, attr, module._parameters[attr]) for module, attr in slots]
+    try:
+        for (module, attr), tensor in zip(slots, tensors):
+            module._parameters[attr] = tensor
+        yield
+    finally:
+        for module, attr, parameter in saved:
+            module._parameters[attr] = parameter
+
+
+def cast_linear_weights(weights: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """The tensors cast to ``dtype`` through one concatenation: views of one low-precision copy.
+
+    Autocast casts each Linear's weight and bias on its own (a kernel each, forward and backward); here the cast
+    is one concatenation and one conversion, and the backward one concatenation of the gradients and one
+    conversion back. The rounding is the same, so are the values and the gradients.
+    """
+    flat = torch.cat([w.reshape(-1) for w in weights]).to(dtype)  # (sum of sizes,)
+    pieces = flat.split_with_sizes([w.numel() for w in weights])
+    return [piece.view(w.shape) for w, piece in zip(weights, pieces)]
 
 
 def enable_activation_checkpointing(model: nn.Module, pretrained: str) -> None:
