@@ -5,9 +5,11 @@
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
 #
 # 1. check_cuda.py: losses and gradients of the fast modes (both stackings, bf16) against the baseline on the GPU.
-# 2. bench_train.py, MOSI shape: baseline, fast (shipped: modalities joined along time, fusion feed-forward
-#    recomputed, bf16), fast-bert32 (BERT in float32/TF32: no per-step weight casts), fast-nocheckpoint,
-#    fast-stack-batch, fast-nostack; then fast again under the profiler (GPU busy share, top kernels).
+# 2. bench_train.py, MOSI shape, 5 timed passes each: baseline, fast (shipped: modalities joined along time, fusion
+#    feed-forward recomputed, bf16), fast-castonce (BERT's Linear weights cast in one concatenation),
+#    fast-noaddmmlt (DISABLE_ADDMM_CUDA_LT=1); then fast again under the profiler (GPU busy share, top kernels).
+#    The other variants (fast-bert32, fast-nocheckpoint, fast-stack-batch, fast-nostack) were measured on an H200
+#    on 2026-11-27 (benchmarks/results/h200-2026-11-27); add them to the list to measure them again.
 # 3. bench_train.py, MOSEI shape: baseline and fast.
 # 4. bench_fusion.py on the GPU (metrics_report.py --device cuda needs a slot of its own).
 # Each step prints its last lines; a step that runs out of time is cut and the next one starts.
@@ -26,12 +28,11 @@ step() {  # step NAME SECONDS COMMAND...
 }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/card.txt"
 step check_cuda 70 python benchmarks/check_cuda.py
-step mosi 270 python benchmarks/bench_train.py --shapes mosi \
-    --modes baseline fast fast-bert32 fast-nocheckpoint fast-stack-batch fast-nostack --timeout 50 \
-    --out "$out/mosi.json"
+step mosi 170 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-castonce fast-noaddmmlt --repeats 5 \
+    --timeout 50 --out "$out/mosi.json"
 step mosi_profile 50 python benchmarks/bench_train.py --shapes mosi --modes fast --steps 4 --repeats 1 --profile \
     --timeout 45 --out "$out/profile/mosi_profile.json"
-step mosei 70 python benchmarks/bench_train.py --shapes mosei --modes baseline fast --timeout 40 \
+step mosei 90 python benchmarks/bench_train.py --shapes mosei --modes baseline fast --timeout 45 \
     --out "$out/mosei.json"
-step fusion 30 python benchmarks/bench_fusion.py --quick --device cuda --out "$out/fusion"
+step fusion 90 python benchmarks/bench_fusion.py --quick --device cuda --out "$out/fusion"
 echo "logs in $out"
