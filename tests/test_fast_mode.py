@@ -253,3 +253,28 @@ def test_casting_bert_weights_once_gives_autocasts_values_and_gradients(tiny_con
     assert ops_each - ops_once >= 4 * linears - 10
     assert all(isinstance(getattr(m, attr), torch.nn.Parameter) for m, attr in model.text_encoder._linears)  # restored
     assert not EMTDLFR(tiny_config(encoder_cast_once=True, checkpoint_encoder=True)).text_encoder.cast_once
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_bert_attention_picks_among_the_fusions_kernels(tiny_config, monkeypatch, checkpoint):
+    """BERT's SDPA attention runs under nn.sdpa.fused_backends (cuDNN's kernel left out on CUDA), as the fusion's
+    does; with checkpoint_encoder it keeps PyTorch's choice, which its backward recomputation also sees."""
+    from torch.nn.attention import SDPBackend
+
+    import mmsa_emt.nn.encoders as encoders
+
+    monkeypatch.setattr(encoders, "fused_backends", lambda device: [SDPBackend.MATH])
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.mem_efficient_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = EMTDLFR(tiny_config(checkpoint_encoder=checkpoint))
+    if model.text_encoder.bert.config._attn_implementation != "sdpa":
+        pytest.fail(f"the tiny BERT uses {model.text_encoder.bert.config._attn_implementation!r} attention")
+    model.text_encoder(random_batch(2).text)
+    assert seen and set(seen) == {checkpoint}  # math only: the efficient kernel switched off inside BERT
+    assert torch.backends.cuda.mem_efficient_sdp_enabled()  # and back on after

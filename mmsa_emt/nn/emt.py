@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .chunked_attention import chunked_dropout_attention
 from .dropout import Dropout
+from .sdpa import fused_backends
 
 STACKINGS = (None, "time", "batch")  # EMT's ways to run all modalities in one call (None: one call each)
 Segments = tuple[Sequence[int], Sequence[int]]  # (query lengths, key lengths) of sequences joined along time
@@ -102,19 +103,6 @@ def segment_runs(query_steps: Sequence[int], key_steps: Sequence[int], *, querie
         else:
             runs.append((1, *pair))
     return runs
-
-
-def fused_backends(device: torch.device) -> list[SDPBackend]:
-    """The attention kernels PyTorch may pick here: those enabled, less cuDNN's on CUDA (the same function).
-
-    In an H100 profile (bf16, mosi shape) each cuDNN attention call took ~175 us of host time against ~50 us for the
-    memory-efficient kernel, and leaving it out cut the warm-up of trimmed batches (new shapes) from 33 s to 16 s.
-    """
-    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled(),
-               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled(),
-               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled(),
-               SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled() and device.type != "cuda"}
-    return [backend for backend, on in enabled.items() if on]
 
 
 class FeedForward(nn.Module):

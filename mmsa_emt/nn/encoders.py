@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import sdpa_kernel
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoConfig, AutoModel
 
 from .dropout import Dropout, replace_dropouts
+from .sdpa import fused_backends
 from .transfer import to_device
 
 
@@ -43,7 +45,7 @@ class BertTextEncoder(nn.Module):
                  autocast: bool = True, cast_once: bool = False) -> None:
         super().__init__()
         self.bert = load_pretrained_encoder(pretrained)
-        self.finetune, self.autocast = finetune, autocast
+        self.finetune, self.autocast, self.checkpoint = finetune, autocast, checkpoint
         self.cast_once = cast_once and not checkpoint  # a recomputed layer would run on the float32 weights
         self._linears = [(module, kind) for module in self.bert.modules() if isinstance(module, nn.Linear)
                          for kind in ("weight", "bias") if getattr(module, kind) is not None]
@@ -64,7 +66,10 @@ class BertTextEncoder(nn.Module):
         inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": segments}
         kind = text.device.type
         in_float32 = torch.autocast(kind, enabled=False) if not self.autocast else nullcontext()
-        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()), in_float32:
+        # BERT's SDPA attention picks among the fusion's kernels; not when its layers are recomputed in backward,
+        # outside this block, where another kernel would draw other dropout masks
+        kernels = sdpa_kernel(fused_backends(text.device)) if not self.checkpoint else nullcontext()
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()), in_float32, kernels:
             if self.cast_once and torch.is_autocast_enabled(kind):
                 weights = cast_linear_weights([getattr(m, attr) for m, attr in self._linears],
                                               torch.get_autocast_dtype(kind))
