@@ -18,7 +18,9 @@ same ``mmsa_emt.nn.emt.Attention`` / ``FeedForward`` blocks), sinusoidal positio
 * ``mult``: :class:`MulTFusion`, written here (see its docstring): 6 crossmodal stacks (target <- source) and a
   width-2d self-attention layer per target.
 
-For every (fusion, T) a fresh subprocess builds the module and the inputs, then measures
+For every (fusion, T) a fresh subprocess on the CPU (its peak RSS is its own), one subprocess for all of them on
+CUDA (the peak is reset before each; it saves a CUDA start per measurement), builds the module and the inputs, then
+measures
 
 * time of one forward+backward (parameter gradients and input gradients, loss = sum of the output means):
   median over ``--repeats`` after ``--warmup`` steps (at least one), ``torch.cuda.synchronize`` around each on CUDA;
@@ -330,7 +332,13 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        results = []
+        for spec in json.loads(args.worker):
+            results.append(worker(spec))
+            gc.collect()
+            if spec["device"] == "cuda":
+                torch.cuda.empty_cache()
+        print(json.dumps(results))
         return
 
     device = resolve_device(args.device)
@@ -345,20 +353,20 @@ def main() -> None:
     threads = args.threads or torch.get_num_threads()
     where = f"cpu, {threads} thread(s)" if device == "cpu" else device
     print(f"device {where}, batch {args.batch}, d={args.dim}, heads={args.heads}, depth={args.depth}, "
-          f"text {args.text_tokens} tokens, audio/vision T frames; fused SDPA; one subprocess per (fusion, T)",
-          flush=True)
+          f"text {args.text_tokens} tokens, audio/vision T frames; fused SDPA; "
+          + ("one subprocess per (fusion, T)" if device == "cpu" else "one subprocess for all"), flush=True)
 
+    specs = [{"fusion": fusion, "frames": t, "device": device, "batch": args.batch, "dim": args.dim,
+              "heads": args.heads, "depth": args.depth, "text_tokens": args.text_tokens, "repeats": repeats,
+              "warmup": warmup, "threads": args.threads} for t in frames for fusion in FUSIONS]
     rows = []
-    for t in frames:
-        for fusion in FUSIONS:
-            spec = {"fusion": fusion, "frames": t, "device": device, "batch": args.batch, "dim": args.dim,
-                    "heads": args.heads, "depth": args.depth, "text_tokens": args.text_tokens,
-                    "repeats": repeats, "warmup": warmup, "threads": args.threads}
-            result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                    capture_output=True, text=True, check=False)
-            if result.returncode:
-                sys.exit(f"{fusion} T={t} failed:\n{result.stderr[-3000:]}")
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    for group in ([s] for s in specs) if device == "cpu" else [specs]:
+        result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(group)],
+                                capture_output=True, text=True, check=False)
+        if result.returncode:
+            failed = ", ".join(f"{s['fusion']} T={s['frames']}" for s in group)
+            sys.exit(f"{failed} failed:\n{result.stderr[-3000:]}")
+        rows += json.loads(result.stdout.strip().splitlines()[-1])
 
     print(f"\n{'T':>6} {'fusion':<6} {'ms':>10} {'peak MB':>10} {'GFLOP/sample':>13} {'params':>10}")
     for r in rows:

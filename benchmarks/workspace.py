@@ -7,9 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmsa_emt.demo import DEFAULT_CONFIG
-from mmsa_emt.synthetic import write_dataset
-
 
 def resolve_device(choice: str) -> str:
     """A benchmark's ``--device``: 'auto' is CUDA when there is one, else the CPU."""
@@ -41,6 +38,9 @@ def write_workspace(folder: Path, *, encoder: str, dataset: str = "mosi", data: 
     with ``encoder``'s vocabulary) and ``folder/config.json``: the repository's regression config with the
     EMT-DLFR entry updated by ``common`` (commonParams) and ``model`` (datasetParams[dataset]); returns the
     config's path."""
+    from mmsa_emt.demo import DEFAULT_CONFIG  # here, not at the top: resolve_device's users start in 2 s, not 8
+    from mmsa_emt.synthetic import write_dataset
+
     config = json.loads(DEFAULT_CONFIG.read_text(encoding="utf-8"))
     config["datasetCommonParams"]["dataset_root_dir"] = "dataset"  # relative to the config file
     feature_file = folder / "dataset" / config["datasetCommonParams"][dataset]["unaligned"]["featurePath"]
