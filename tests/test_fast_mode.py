@@ -278,3 +278,29 @@ def test_bert_attention_picks_among_the_fusions_kernels(tiny_config, monkeypatch
     model.text_encoder(random_batch(2).text)
     assert seen and set(seen) == {checkpoint}  # math only: the efficient kernel switched off inside BERT
     assert torch.backends.cuda.mem_efficient_sdp_enabled()  # and back on after
+
+
+def test_bert_gets_a_ready_made_mask_without_the_host_sync(tiny_config, monkeypatch):
+    """BERT's SDPA attention is given the 4-D boolean mask transformers would build from the 2-D one: the same
+    output (padded batch, dropout on, same seed), and transformers never asks mask.all() (a host sync on CUDA)."""
+    import transformers.masking_utils as masking
+
+    from mmsa_emt.nn.encoders import READY_MADE_MASKS
+
+    assert READY_MADE_MASKS  # transformers >= 5 here
+    asked = []
+    check = masking._ignore_bidirectional_mask_sdpa
+    monkeypatch.setattr(masking, "_ignore_bidirectional_mask_sdpa",
+                        lambda mask, *a, **k: asked.append(mask is not None) or check(mask, *a, **k))
+    text = random_batch(4).text
+    assert (text[:, 1] == 0).any()  # some padding to mask
+    outputs = []
+    for ready_made in (False, True):
+        torch.manual_seed(0)
+        encoder = EMTDLFR(tiny_config()).text_encoder.train()
+        if not ready_made:
+            monkeypatch.setattr(encoder, "attention_mask", lambda mask: mask)
+        asked.clear()
+        outputs.append(encoder(text))
+        assert asked == ([] if ready_made else [True])
+    assert torch.equal(outputs[1], outputs[0])

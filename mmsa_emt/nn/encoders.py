@@ -10,6 +10,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import transformers
 from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -18,6 +19,8 @@ from transformers import AutoConfig, AutoModel
 from .dropout import Dropout, replace_dropouts
 from .sdpa import fused_backends
 from .transfer import to_device
+
+READY_MADE_MASKS = int(transformers.__version__.split(".")[0]) >= 5  # 4-D masks are passed through as they are
 
 
 class EncoderNotFoundError(OSError):
@@ -61,9 +64,18 @@ class BertTextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.bert.config.hidden_size
 
+    def attention_mask(self, mask: Tensor) -> Tensor:
+        """(b, l) 0/1 padding mask -> what BERT is given. For its SDPA attention (transformers >= 5) the 4-D boolean
+        mask (b, 1, 1, l) that transformers would build itself, passed ready-made: transformers first asks
+        ``mask.all()`` to see whether it can drop the mask, a host synchronisation on CUDA (the last one of a
+        training step). Other attention implementations get the 2-D mask as before."""
+        if READY_MADE_MASKS and getattr(self.bert.config, "_attn_implementation", None) == "sdpa":
+            return mask.bool()[:, None, None, :]  # (b, 1, 1, l): every query sees the valid keys
+        return mask
+
     def forward(self, text: Tensor) -> Tensor:
         ids, mask, segments = text[:, 0].long(), text[:, 1].long(), text[:, 2].long()  # 3 x (b, l)
-        inputs = {"input_ids": ids, "attention_mask": mask, "token_type_ids": segments}
+        inputs = {"input_ids": ids, "attention_mask": self.attention_mask(mask), "token_type_ids": segments}
         kind = text.device.type
         in_float32 = torch.autocast(kind, enabled=False) if not self.autocast else nullcontext()
         # BERT's SDPA attention picks among the fusion's kernels; not when its layers are recomputed in backward,
