@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed work, in priority order, each capped in time so that the whole script fits
-# a 10-minute slot on a borrowed card (about 8 minutes of work).
+# a 10-minute slot on a borrowed card (at most 8.5 minutes of work).
 #
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
 #
 # 1. check_cuda.py: losses and gradients of the fast modes (both stackings, bf16) against the baseline on the GPU.
 # 2. bench_train.py, MOSI shape, 5 timed passes each: baseline, fast (shipped: modalities joined along time, fusion
 #    feed-forward recomputed, bf16), fast-castonce (BERT's Linear weights cast in one concatenation),
-#    fast-noaddmmlt (DISABLE_ADDMM_CUDA_LT=1); then fast again under the profiler (GPU busy share, top kernels).
-#    The other variants (fast-bert32, fast-nocheckpoint, fast-stack-batch, fast-nostack) were measured on an H200
-#    on 2026-11-27 (benchmarks/results/h200-2026-11-27); add them to the list to measure them again.
-# 3. bench_train.py, MOSEI shape: baseline and fast.
-# 4. bench_fusion.py on the GPU (metrics_report.py --device cuda needs a slot of its own).
+#    fast-noaddmmlt (DISABLE_ADDMM_CUDA_LT=1). The other variants (fast-bert32, fast-nocheckpoint,
+#    fast-stack-batch, fast-nostack) were measured on an H200 on 2026-11-27 (benchmarks/results/h200-2026-11-27);
+#    add them to the list to measure them again.
+# 3. bench_graphs.py: the shipped step eager against its forward+backward replayed as a CUDA graph (an experiment:
+#    how much of the step is host overhead).
+# 4. fast again under the profiler (GPU busy share, top kernels).
+# 5. bench_train.py, MOSEI shape: baseline and fast.
+# 6. bench_fusion.py on the GPU (metrics_report.py --device cuda needs a slot of its own).
 # Each step prints its last lines; a step that runs out of time is cut and the next one starts.
 set -u
 cd "$(dirname "$0")/.."
@@ -28,11 +31,12 @@ step() {  # step NAME SECONDS COMMAND...
 }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/card.txt"
 step check_cuda 70 python benchmarks/check_cuda.py
-step mosi 170 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-castonce fast-noaddmmlt --repeats 5 \
+step mosi 150 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-castonce fast-noaddmmlt --repeats 5 \
     --timeout 50 --out "$out/mosi.json"
+step graphs 90 python benchmarks/bench_graphs.py --out "$out/graphs.json"
 step mosi_profile 50 python benchmarks/bench_train.py --shapes mosi --modes fast --steps 4 --repeats 1 --profile \
     --timeout 45 --out "$out/profile/mosi_profile.json"
 step mosei 90 python benchmarks/bench_train.py --shapes mosei --modes baseline fast --timeout 45 \
     --out "$out/mosei.json"
-step fusion 90 python benchmarks/bench_fusion.py --quick --device cuda --out "$out/fusion"
+step fusion 60 python benchmarks/bench_fusion.py --quick --device cuda --out "$out/fusion"
 echo "logs in $out"
