@@ -65,11 +65,13 @@ class BertTextEncoder(nn.Module):
         return self.bert.config.hidden_size
 
     def attention_mask(self, mask: Tensor) -> Tensor:
-        """(b, l) 0/1 padding mask -> what BERT is given. For its SDPA attention (transformers >= 5) the 4-D boolean
-        mask (b, 1, 1, l) that transformers would build itself, passed ready-made: transformers first asks
-        ``mask.all()`` to see whether it can drop the mask, a host synchronisation on CUDA (the last one of a
-        training step). Other attention implementations get the 2-D mask as before."""
-        if READY_MADE_MASKS and getattr(self.bert.config, "_attn_implementation", None) == "sdpa":
+        """(b, l) 0/1 padding mask -> what BERT is given. For a BertModel with SDPA attention (transformers >= 5,
+        which passes 4-D masks through as they are) the 4-D boolean mask (b, 1, 1, l) that transformers would build
+        itself, ready-made: from the 2-D mask it first asks ``mask.all()`` to see whether it can drop the mask, a
+        host synchronisation on CUDA (the last one of a training step). Other encoders and attention
+        implementations get the 2-D mask as before."""
+        if (READY_MADE_MASKS and isinstance(self.bert, transformers.BertModel)
+                and getattr(self.bert.config, "_attn_implementation", None) == "sdpa"):
             return mask.bool()[:, None, None, :]  # (b, 1, 1, l): every query sees the valid keys
         return mask
 
