@@ -35,8 +35,10 @@ class Projector(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim, affine=False))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor, views: int = 1) -> Tensor:
+        """x (v b, D): ``views`` views stacked along the batch, each batch-normalised on its own."""
+        linear, norm = self.net
+        return per_view(norm, linear(x), views)
 
 
 class Predictor(nn.Module):
@@ -47,8 +49,16 @@ class Predictor(nn.Module):
         self.net = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
                                  nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    def forward(self, x: Tensor, views: int = 1) -> Tensor:
+        """x (v b, D): ``views`` views stacked along the batch, each batch-normalised on its own."""
+        first, norm, act, last = self.net
+        return last(act(per_view(norm, first(x), views)))
+
+
+def per_view(norm: nn.Module, x: Tensor, views: int) -> Tensor:
+    """BatchNorm over each view's rows on its own, in order: x (v b, D) -> (v b, D). Batch statistics and the
+    running-statistic updates are those of ``views`` separate calls; the layers around it run once for all."""
+    return norm(x) if views == 1 else torch.cat([norm(rows) for rows in x.chunk(views)])
 
 
 class DualLevelRestoration(nn.Module):
@@ -68,10 +78,11 @@ class DualLevelRestoration(nn.Module):
         return {"DLFR projectors": self.projectors, "DLFR predictors": self.predictors,
                 "DLFR reconstruction": self.reconstructors}
 
-    def simsiam(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(z, p) for one view's vector x (b, D); z is returned without gradient (stop-gradient)."""
-        z = self.projectors[name](x)
-        return z.detach(), self.predictors[name](z)
+    def simsiam(self, name: str, x: Tensor, views: int = 1) -> tuple[Tensor, Tensor]:
+        """(z, p) for the vectors x (v b, D) of ``views`` views stacked along the batch, each view batch-normalised
+        on its own; z is returned without gradient (stop-gradient)."""
+        z = self.projectors[name](x, views)
+        return z.detach(), self.predictors[name](z, views)
 
 
 def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
@@ -82,6 +93,12 @@ def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
 def attraction_loss(p_complete: Tensor, z_complete: Tensor, p_incomplete: Tensor, z_incomplete: Tensor) -> Tensor:
     """Symmetric SimSiam loss between the views (Eq. 13): (D(p_inc, z_com) + D(p_com, z_inc)) / 2."""
     return 0.5 * (negative_cosine(p_incomplete, z_complete) + negative_cosine(p_complete, z_incomplete))
+
+
+def stacked_attraction_loss(p: Tensor, z: Tensor) -> Tensor:
+    """Eq. 13 with the views stacked, p and z (2b, D) = [complete; incomplete]: each view's p against the other
+    view's z. Both halves have b rows, so the mean over all 2b is the average of the two D terms."""
+    return -F.cosine_similarity(p, z.roll(z.shape[0] // 2, dims=0), dim=1).mean()
 
 
 def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "SmoothL1Loss") -> Tensor:
@@ -180,9 +197,9 @@ def compute_loss(model: EMTDLFR, batch: TwoViewBatch, weights: LossWeights) -> L
 
     vectors = {"context": (complete.context, incomplete.context),
                **{m: (complete.utterance[m], incomplete.utterance[m]) for m in complete.utterance}}
-    for name, (x_c, x_i) in vectors.items():
-        (z_c, p_c), (z_i, p_i) = heads.simsiam(name, x_c), heads.simsiam(name, x_i)
-        terms[f"attract_{name}"] = attraction_loss(p_c, z_c, p_i, z_i)
+    for name, (x_c, x_i) in vectors.items():  # both views through each head at once, BatchNorm per view
+        z, p = heads.simsiam(name, torch.cat([x_c, x_i]), views=2)  # (2b, D): complete rows, then incomplete
+        terms[f"attract_{name}"] = stacked_attraction_loss(p, z)
 
     targets = {"audio": batch.audio, "vision": batch.vision}
     if complete.text_tokens is not None:

@@ -88,3 +88,32 @@ def test_stop_gradient_on_the_projector_outputs(tiny_config):
     assert not z_c.requires_grad and not z_i.requires_grad
     attraction_loss(p_c, z_c, p_i, z_i).backward()
     assert heads.predictors["vision"].net[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_both_views_through_the_heads_at_once_equal_two_calls(tiny_config, training):
+    """simsiam(x_c ++ x_i, views=2) with the stacked attraction loss: the z, p, loss, every gradient and the
+    BatchNorm running statistics of one call per view followed by Eq. 13 as written (float64)."""
+    import copy
+
+    from mmsa_emt.objective import stacked_attraction_loss
+
+    torch.manual_seed(0)
+    heads = EMTDLFR(tiny_config()).restoration.double().train(training)
+    twin = copy.deepcopy(heads)
+    x_c, x_i = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64) * 3 + 1
+    (z_c, p_c), (z_i, p_i) = twin.simsiam("vision", x_c), twin.simsiam("vision", x_i)
+    separate = attraction_loss(p_c, z_c, p_i, z_i)
+    z, p = heads.simsiam("vision", torch.cat([x_c, x_i]), views=2)
+    stacked = stacked_attraction_loss(p, z)
+    torch.testing.assert_close(z, torch.cat([z_c, z_i]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(p, torch.cat([p_c, p_i]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stacked, separate, rtol=1e-12, atol=1e-12)
+    separate.backward()
+    stacked.backward()
+    for (name, a), b in zip(heads.named_parameters(), twin.parameters()):
+        if a.grad is not None or b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12, msg=name)
+    for (name, a), b in zip(heads.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)  # running stats: view c, then view i
+    assert heads.predictors["vision"].net[1].num_batches_tracked.item() == (2 if training else 0)
