@@ -100,7 +100,7 @@ def measure(name: str, shape: str, encoder: str, batch: TwoViewBatch, device: st
         for _ in range(2):  # eager steps first: cuDNN/cuBLAS plans, the lengths' device copies
             step_module(*args)[0].backward()
         optimizer.zero_grad(set_to_none=True)
-        step_module = torch.cuda.make_graphed_callables(step_module, args)
+        step_module = torch.cuda.make_graphed_callables(step_module, args, allow_unused_input=True)
 
     def step() -> Tensor:
         loss = step_module(*args)[0]
