@@ -14,8 +14,8 @@ largest per-tensor value):
 * the same model on CUDA against the CPU (fp32);
 * bf16 autocast against fp32 (expected near 1e-2: bf16 keeps 8 bits of mantissa);
 * bf16 with BERT's Linear weights cast in one concatenation (``encoder_cast_once: true``) against autocast's
-  casts one by one (shipped): the same rounding, so the same numbers up to the order of the GPU's atomic additions (the
-  next line, the same run twice, shows that noise).
+  casts one by one (shipped): the same rounding, so the same numbers up to the order of the GPU's atomic
+  additions (the next line, the same run twice, shows that noise).
 """
 
 from __future__ import annotations
