@@ -164,8 +164,9 @@ class EMTDLFR(nn.Module):
             return tokens[:, 0], tokens[:, 1:], lengths  # [CLS]: (b, e); after it: (b, l-1, e)
         encoder = self.audio_encoder if modality == "audio" else self.vision_encoder
         lengths = lengths.clamp(min=1)
-        local, utterance = encoder(x, lengths)  # (b, max(lengths), out), (b, out)
-        return utterance, local, to_device(lengths, x.device)
+        on_device = to_device(lengths, x.device)  # copied once, for the encoder and the fusion's masks
+        local, utterance = encoder(x, lengths, on_device)  # (b, max(lengths), out), (b, out)
+        return utterance, local, on_device
 
     def forward_view(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor,
                      vision_lengths: Tensor) -> ViewOutput:

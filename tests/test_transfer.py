@@ -49,3 +49,22 @@ def test_model_hands_back_lengths_on_the_inputs_device(tiny_config):
         _, local, lengths = model.encode("audio", batch.audio, batch.audio_lengths)
     assert lengths.device == local.device
     assert torch.equal(lengths, batch.audio_lengths.clamp(min=1))
+
+
+def test_lengths_are_copied_to_the_device_once_per_modality(tiny_config, monkeypatch):
+    """encode() hands its device copy to the padded LSTM, which then copies nothing itself."""
+    from conftest import random_batch
+
+    import mmsa_emt.model
+    import mmsa_emt.nn.encoders
+    from mmsa_emt import EMTDLFR
+
+    copies = []
+    monkeypatch.setattr(mmsa_emt.model, "to_device", lambda t, device: copies.append("model") or to_device(t, device))
+    monkeypatch.setattr(mmsa_emt.nn.encoders, "to_device",
+                        lambda t, device: copies.append("encoder") or to_device(t, device))
+    model = EMTDLFR(tiny_config(packed_lstm=False)).eval()
+    batch = random_batch(3)
+    with torch.no_grad():
+        model.encode("audio", batch.audio, batch.audio_lengths)
+    assert copies == ["model"]

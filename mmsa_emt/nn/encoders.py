@@ -171,17 +171,18 @@ class SequenceEncoder(nn.Module):
         self.proj = nn.Linear(hidden_dim, out_dim) if hidden_dim != out_dim else nn.Identity()
         self.packed = packed
 
-    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """x (b, t, f); lengths (b,) on the CPU, each >= 1.
+    def forward(self, x: Tensor, lengths: Tensor, on_device: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x (b, t, f); lengths (b,) on the CPU, each >= 1; ``on_device``: the same lengths on x's device, when the
+        caller has them already (else copied here).
 
         The recurrence runs in float32 even under autocast: CUDA autocast would hand cuDNN's LSTM float16 whatever
         the autocast dtype (seen in a bf16 profile), and these LSTMs are too small for it to pay.
         """
         with torch.autocast(x.device.type, enabled=False):
-            local, last = self._recurrence(x.to(self.rnn.weight_ih_l0.dtype), lengths)
+            local, last = self._recurrence(x.to(self.rnn.weight_ih_l0.dtype), lengths, on_device)
         return self.proj(local), self.proj(self.dropout(last))
 
-    def _recurrence(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def _recurrence(self, x: Tensor, lengths: Tensor, on_device: Tensor | None) -> tuple[Tensor, Tensor]:
         """Per-step outputs (b, max(lengths), e), zero at padded steps, and the state at the last valid step."""
         if self.packed:
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
@@ -191,7 +192,7 @@ class SequenceEncoder(nn.Module):
         else:
             steps = int(lengths.max())
             local, _ = self.rnn(x[:, :steps])  # (b, max(lengths), e)
-            lengths = to_device(lengths, x.device)  # no host sync (a plain .to() of CPU memory waits for the GPU)
+            lengths = to_device(lengths, x.device) if on_device is None else on_device  # no host sync
             last = local[torch.arange(len(local), device=x.device), lengths - 1]  # (b, e)
             valid = torch.arange(steps, device=x.device)[None] < lengths[:, None]  # (b, max(lengths))
             local = local * valid[..., None].to(local.dtype)
