@@ -90,8 +90,7 @@ TENSORS = ("text", "text_m", "audio", "audio_m", "vision", "vision_m", "text_dro
 def measure(name: str, shape: str, encoder: str, batch: TwoViewBatch, device: str, *, graph: bool,
             recompute: bool, steps: int, repeats: int) -> dict:
     on_cuda = device == "cuda"
-    model, optimizer, _ = setup(shape, "fast", device, encoder)
-    set_recompute(model, recompute)
+    model, optimizer, _ = setup(shape, "fast" if recompute else "fast-nocheckpoint", device, encoder)
     args = tuple(getattr(batch, k) for k in TENSORS)
     step_module = LossStep(model, batch.audio_lengths, batch.vision_lengths).train()
     if on_cuda:
@@ -126,13 +125,6 @@ def measure(name: str, shape: str, encoder: str, batch: TwoViewBatch, device: st
     return {"variant": name, "ms": ms, "spread_ms": (max(times) - min(times)) * 1e3, "samples_s": b / ms * 1e3,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan"),
             "first_loss": first_loss, "card": torch.cuda.get_device_name() if on_cuda else "cpu"}
-
-
-def set_recompute(model: nn.Module, recompute: bool) -> None:
-    """Switches the fusion's feed-forward recomputation on every half-MPU (config ``checkpoint_fusion``)."""
-    for module in model.modules():
-        if hasattr(module, "checkpoint_ff"):
-            module.checkpoint_ff = recompute
 
 
 def main() -> None:
