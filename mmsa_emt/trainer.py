@@ -6,6 +6,7 @@ Framework-free: batches arrive as ``TwoViewBatch`` and metrics through a callabl
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -114,12 +115,25 @@ def compile_model(model: EMTDLFR, *, backend: str = "inductor") -> EMTDLFR:
     """Compiles, in place, the parts made of many small kernels: the text encoder and the EMT fusion.
 
     Shapes are marked dynamic (trimmed batches vary in length), the LSTMs stay eager (one cuDNN/oneDNN call), the
-    state dict keeps its keys. Compilation happens on the first batches, so the first steps are slow.
+    state dict keeps its keys. Compilation happens on the first batches, so the first steps are slow. Python
+    floats (LayerNorm's eps) are traced as constants: traced as inputs, the fusion's shared layers recomputed by
+    ``checkpoint_fusion`` at several call sites crash TorchDynamo (pytorch/pytorch#193194).
     """
     for part in ("text_encoder", "emt"):
-        if hasattr(model, part):
-            getattr(model, part).compile(dynamic=True, backend=backend)
+        module = getattr(model, part, None)
+        if module is not None:
+            module.forward = _floats_as_constants(torch.compile(module.forward, dynamic=True, backend=backend))
     return model
+
+
+def _floats_as_constants(compiled: Callable) -> Callable:
+    """``compiled``, traced (at its first calls) with TorchDynamo's ``specialize_float`` on, only for itself."""
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        with torch._dynamo.config.patch(specialize_float=True):
+            return compiled(*args, **kwargs)
+
+    return call
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -131,22 +131,55 @@ def test_stacked_modalities_in_the_full_model(tiny_config, stacking):
 
 def test_compiled_model_computes_the_same_and_keeps_its_state_dict(tiny_config):
     """``compile: true`` compiles the encoder and the fusion in place: same losses and gradients, same state-dict
-    keys (checkpoints stay interchangeable), and a batch of other lengths runs without error. Traced through
-    TorchDynamo and AOTAutograd with the 'aot_eager' backend: Inductor's code generation takes minutes on 2 CPU
-    cores (benchmarks/bench_train.py measures the real thing). Audio and vision only: tracing BERT takes 40 s."""
+    keys (checkpoints stay interchangeable), no graph break, and a batch of other lengths runs without error. The
+    fusion as shipped for CUDA: joined along time, one shared layer whose feed-forward is recomputed
+    (``checkpoint_fusion``) at every call site, which crashed TorchDynamo while it traced LayerNorm's eps as an
+    input. Traced through TorchDynamo and AOTAutograd with the 'aot_eager' backend: Inductor's code generation
+    takes minutes on 2 CPU cores (benchmarks/bench_train.py measures the real thing). Audio and vision only:
+    tracing BERT takes 40 s."""
+    from torch._dynamo.utils import counters
+
     from mmsa_emt.trainer import compile_model
 
     torch.manual_seed(0)
-    config = tiny_config(stack_modalities="time", modalities=("audio", "vision"))
+    config = tiny_config(stack_modalities="time", checkpoint_fusion=True, modalities=("audio", "vision"))
     eager, compiled = EMTDLFR(config).train(), EMTDLFR(config).train()
     compiled.load_state_dict(eager.state_dict())
     keys = list(compiled.state_dict())
     compile_model(compiled, backend="aot_eager")
     assert list(compiled.state_dict()) == keys
+    counters.clear()
     assert_same_losses_and_grads(eager, compiled, padded_batch(8, torch.float32), losses=(1e-5, 1e-6),
                                  grads=(1e-5, 1e-6))
     other = random_batch(8, text_len=9, audio_len=7, vision_len=13, seed=3)
     assert torch.isfinite(compute_loss(compiled, other, LossWeights()).total)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_cpu_dropout_paths_compile_without_graph_breaks():
+    """Inside ``torch.compile`` the CPU's numpy-masked paths (the chunked attention, ``nn.dropout.Dropout``) give way
+    to torch's traceable kernels, the attention-kernel choice is read once while tracing, and the sinusoid table is
+    built in the graph: no graph break, and dropout still drops (zeros, survivors scaled by 1 / (1 - p))."""
+    from torch._dynamo.utils import counters
+
+    from mmsa_emt.nn.dropout import Dropout
+    from mmsa_emt.nn.emt import Attention, PositionalEmbedding
+
+    torch.manual_seed(0)
+    attention, dropout = Attention(8, heads=2, dropout=0.5).train(), Dropout(0.5).train()
+    position = PositionalEmbedding(8)
+    x, mask = torch.randn(2, 6, 8), torch.arange(6)[None] < torch.tensor([[6], [3]])
+
+    def step(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention(position(x), key_mask=mask), dropout(x)
+
+    counters.clear()
+    attended, dropped = torch.compile(step, backend="aot_eager")(x, mask)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert attended.shape == x.shape and torch.isfinite(attended).all()
+    kept = dropped != 0
+    assert 0 < kept.sum() < x.numel()
+    torch.testing.assert_close(dropped[kept], 2 * x[kept])
 
 
 @pytest.mark.parametrize("layers", [1, 2])

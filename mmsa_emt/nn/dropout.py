@@ -6,7 +6,7 @@ of the time. The seed is drawn from torch's generator, so ``torch.manual_seed`` 
 ``torch.utils.checkpoint`` (which restores torch's generator before recomputing) replays the same mask. Same
 function as ``nn.Dropout``: each element is kept with probability 1 - p and scaled by 1 / (1 - p); only the
 random stream differs. Only a boolean mask (1 byte per element) is kept for the backward pass. Elsewhere than on
-the CPU, and in eval mode, this is ``nn.Dropout``.
+the CPU, in eval mode and inside ``torch.compile``, this is ``nn.Dropout``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Dropout(nn.Dropout):
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.numpy_on_cpu and self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu"
-                and not self.inplace):
+                and not self.inplace) or torch.compiler.is_compiling():  # numpy cannot be traced
             return super().forward(x)
         keep = keep_mask(draw_seed(), 0, tuple(x.shape), self.p)
         return _KeepAndScale.apply(x, keep, 1.0 / (1.0 - self.p))

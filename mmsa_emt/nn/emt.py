@@ -60,7 +60,8 @@ class Attention(nn.Module):
         if segments is None:
             out = self._attend(q, k, v, mask)
         else:  # one kernel per run of consecutive segments of equal lengths, stacked along the batch
-            runs = segment_runs(*segments, queries=q.shape[2], keys=k.shape[2])
+            runs = segment_runs(*segments, queries=q.shape[2], keys=k.shape[2],
+                                merge=not torch.compiler.is_compiling())  # compiled: no guard on equal lengths
             q_runs = q.split([n * i for n, i, _ in runs], dim=2)
             k_runs, v_runs = (t.split([n * j for n, _, j in runs], dim=2) for t in (k, v))
             m_runs = [None] * len(runs) if mask is None else mask.split([n * j for n, _, j in runs], dim=3)
@@ -76,7 +77,8 @@ class Attention(nn.Module):
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """softmax(q k^T / sqrt(e) + mask) v with dropout on the weights: (b, h, i, e), (b, h, j, e) -> (b, h, i, e)."""
         dropout = self.dropout if self.training else 0.0
-        if self.fused and dropout > 0 and q.device.type == "cpu":  # no CPU kernel takes dropout: chunked
+        if self.fused and dropout > 0 and q.device.type == "cpu" and not torch.compiler.is_compiling():
+            # no CPU kernel takes dropout: chunked (its numpy masks cannot be traced; compiled, the math path)
             return chunked_dropout_attention(q, k, v, mask, dropout)
         if self.fused:
             with sdpa_kernel(fused_backends(q.device)):
@@ -87,18 +89,19 @@ class Attention(nn.Module):
         return F.dropout(scores.softmax(dim=-1), dropout, self.training) @ v
 
 
-def segment_runs(query_steps: Sequence[int], key_steps: Sequence[int], *, queries: int, keys: int
-                 ) -> list[tuple[int, int, int]]:
+def segment_runs(query_steps: Sequence[int], key_steps: Sequence[int], *, queries: int, keys: int,
+                 merge: bool = True) -> list[tuple[int, int, int]]:
     """Pairs of (query, key) segment lengths grouped into runs of equal consecutive pairs: [(count, i, j)].
 
-    ``queries`` and ``keys`` are the joined lengths the segments must add up to.
+    ``queries`` and ``keys`` are the joined lengths the segments must add up to. ``merge=False``: one run per
+    pair (a traced graph then holds for any lengths, not only for those equal when it was traced).
     """
     if len(query_steps) != len(key_steps) or sum(query_steps) != queries or sum(key_steps) != keys:
         raise ValueError(f"attention segments {list(query_steps)} x {list(key_steps)} do not pair up {queries} "
                          f"queries with {keys} keys")
     runs: list[tuple[int, int, int]] = []
     for pair in zip(query_steps, key_steps):
-        if runs and runs[-1][1:] == pair:
+        if merge and runs and runs[-1][1:] == pair:
             runs[-1] = (runs[-1][0] + 1, *pair)
         else:
             runs.append((1, *pair))
@@ -188,7 +191,10 @@ class PositionalEmbedding(nn.Module):
     def sinusoid(self, length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The fixed table's first ``length`` rows (1, t, d). Each row depends on its position alone, so the table
         is built once per device and dtype, for max_len rows or the longest sequence seen, and sliced after
-        (9 kernels per modality and view saved)."""
+        (9 kernels per modality and view saved). Inside ``torch.compile`` it is part of the graph instead (a
+        cache filled while tracing would force a recompilation)."""
+        if torch.compiler.is_compiling():
+            return self._sinusoid_table(length, device).to(dtype)
         table = self._sinusoids.get((device, dtype))
         if table is None or table.shape[1] < length:
             with torch.inference_mode(False), torch.no_grad():
