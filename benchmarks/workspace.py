@@ -19,13 +19,17 @@ def resolve_device(choice: str) -> str:
 
 def bert_base(folder: Path) -> str:
     """A bert-base-uncased-sized encoder with random weights and a small vocab.txt (nothing downloaded): the same
-    compute and parameter count as the real one."""
+    compute and parameter count as the real one. The weights are seeded, so runs report the same losses."""
+    import torch
     from transformers import BertConfig, BertModel
 
     from mmsa_emt.synthetic import tokenizer_vocab
 
     if not (folder / "config.json").is_file():
-        BertModel(BertConfig()).save_pretrained(folder)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = BertModel(BertConfig())
+        model.save_pretrained(folder)
         (folder / "vocab.txt").write_text("\n".join(tokenizer_vocab()) + "\n", encoding="utf-8")
         (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer",
                                                                   "do_lower_case": True}))
