@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of the speed work, in priority order, each capped in time so that the whole script fits
-# a 10-minute slot on a borrowed card (at most 8.5 minutes of work).
+# The GPU measurements of the speed work, in priority order, each capped in time. The caps add up to 12.5
+# minutes: on a borrowed card's 10-minute slot run it under `timeout 540`, which cuts the last steps.
 #
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
 #
@@ -10,11 +10,13 @@
 #    fast-noaddmmlt (DISABLE_ADDMM_CUDA_LT=1). The other variants (fast-bert32, fast-nocheckpoint,
 #    fast-stack-batch, fast-nostack) were measured on an H200 on 2026-11-27 (benchmarks/results/h200-2026-11-27);
 #    add them to the list to measure them again.
-# 3. bench_graphs.py: the shipped step eager against its forward+backward replayed as a CUDA graph (an experiment:
+# 3. bench_train.py, MOSI shape: fast-compile (BERT and the fusion through torch.compile/Inductor, no graph break
+#    since 2026-11-27's fifth session; the warm-up compiles the training and the evaluation graphs: minutes).
+# 4. bench_graphs.py: the shipped step eager against its forward+backward replayed as a CUDA graph (an experiment:
 #    how much of the step is host overhead).
-# 4. fast again under the profiler (GPU busy share, top kernels).
-# 5. bench_train.py, MOSEI shape: baseline and fast.
-# 6. bench_fusion.py on the GPU (metrics_report.py --device cuda needs a slot of its own).
+# 5. fast again under the profiler (GPU busy share, top kernels).
+# 6. bench_train.py, MOSEI shape: baseline and fast.
+# 7. bench_fusion.py on the GPU (metrics_report.py --device cuda needs a slot of its own).
 # Each step prints its last lines; a step that runs out of time is cut and the next one starts.
 set -u
 cd "$(dirname "$0")/.."
@@ -33,6 +35,8 @@ python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
 step check_cuda 70 python benchmarks/check_cuda.py
 step mosi 150 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-castonce fast-noaddmmlt --repeats 5 \
     --timeout 50 --out "$out/mosi.json"
+step compile 240 python benchmarks/bench_train.py --shapes mosi --modes fast-compile --steps 4 --repeats 2 \
+    --timeout 235 --out "$out/mosi_compile.json"
 step graphs 90 python benchmarks/bench_graphs.py --out "$out/graphs.json"
 step mosi_profile 50 python benchmarks/bench_train.py --shapes mosi --modes fast --steps 4 --repeats 1 --profile \
     --timeout 45 --out "$out/profile/mosi_profile.json"
