@@ -132,14 +132,20 @@ class TwoViewBatch:
     vision_dropped: Tensor  # (b, t_v)
     labels: Tensor  # (b,)
 
-    def trimmed(self) -> TwoViewBatch:
-        """The batch cut to its longest text and frame sequences (call on the CPU, before ``to``).
+    def trimmed(self, multiple: int = 1) -> TwoViewBatch:
+        """The batch cut to its longest text and frame sequences, rounded up to a multiple of ``multiple`` (at most
+        to the padded length); call on the CPU, before ``to``.
 
         Padding beyond every sample's length changes no output (it is masked or never packed), so this only
         saves the encoders' and the fusion's work on it.
         """
-        text_steps = int(self.text[:, 1].sum(dim=1).max())
-        audio_steps, vision_steps = int(self.audio_lengths.max()), int(self.vision_lengths.max())
+        if multiple < 1:
+            raise ValueError(f"trimmed lengths cannot be rounded to a multiple of {multiple}")
+        padded = {"text": self.text.shape[-1], "audio": self.audio.shape[1], "vision": self.vision.shape[1]}
+        longest = {"text": int(self.text[:, 1].sum(dim=1).max()), "audio": int(self.audio_lengths.max()),
+                   "vision": int(self.vision_lengths.max())}
+        text_steps, audio_steps, vision_steps = (min(-(-longest[m] // multiple) * multiple, padded[m])
+                                                 for m in ("text", "audio", "vision"))
         cut = {"text": text_steps, "text_m": text_steps, "text_dropped": text_steps, "audio": audio_steps,
                "audio_m": audio_steps, "audio_dropped": audio_steps, "vision": vision_steps,
                "vision_m": vision_steps, "vision_dropped": vision_steps}

@@ -78,6 +78,7 @@ class SpeedConfig:
     """How the work is done, not what is computed (see benchmarks/bench_train.py for what each lever pays)."""
 
     trim_padding: bool = True  # cut each batch to its longest sequences before the encoders
+    trim_multiple: int | None = None  # trimmed lengths rounded up to a multiple of it; None: 8 on CUDA, else 1
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass (fp16 with loss scaling)
     sync_every_step: bool = False  # read the loss back to the host each step, as the authors' loop does
     compile: bool = False  # torch.compile the text encoder and the fusion (compile_model)
@@ -85,6 +86,8 @@ class SpeedConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision='{self.precision}' is not one of {sorted(PRECISIONS)}")
+        if self.trim_multiple is not None and self.trim_multiple < 1:
+            raise ValueError(f"trim_multiple={self.trim_multiple}: trimmed lengths need a multiple >= 1")
 
     def autocast(self, device: torch.device | str) -> torch.autocast:
         kind = torch.device(device).type
@@ -105,7 +108,14 @@ class SpeedConfig:
             torch.backends.cuda.matmul.allow_tf32 = before
 
     def prepare(self, batch: TwoViewBatch, device: torch.device | str) -> TwoViewBatch:
-        return (batch.trimmed() if self.trim_padding else batch).to(device)
+        """The batch trimmed and on ``device``. On CUDA the trimmed lengths are multiples of 8: then the key masks
+        over text and frames are aligned as the memory-efficient attention kernel needs them, where an unaligned
+        one is copied into a padded buffer on every call (PyTorch's ``preprocess_mask``), and fewer shapes come
+        round (kernel plans, compilation)."""
+        if not self.trim_padding:
+            return batch.to(device)
+        multiple = self.trim_multiple or (8 if torch.device(device).type == "cuda" else 1)
+        return batch.trimmed(multiple).to(device)
 
     def prepare_model(self, model: EMTDLFR) -> EMTDLFR:
         return compile_model(model) if self.compile else model

@@ -68,6 +68,34 @@ def test_fast_mode_computes_what_the_baseline_mode_computes(tiny_config, dtype):
             assert (grads[name] - grad).abs().max() <= 1e-9 * scale, name
 
 
+def test_trimmed_lengths_round_up_to_a_multiple_and_compute_the_same(tiny_config):
+    """``trimmed(8)`` (CUDA's default) cuts to the longest sequences rounded up to a multiple of 8, never beyond the
+    padded length, and the extra padding changes no loss and no gradient (float64)."""
+    batch = padded_batch(8, torch.float64)  # text: 12 of 18 steps used; audio 15, vision 11 frames
+    for name in ("audio", "audio_m", "vision", "vision_m", "audio_dropped", "vision_dropped"):
+        value = getattr(batch, name)
+        setattr(batch, name, torch.cat([value, torch.zeros(value.shape[0], 10, *value.shape[2:], dtype=value.dtype)],
+                                       dim=1))  # 10 more frames of padding
+    steps = lambda b: (b.text.shape[-1], b.audio.shape[1], b.vision.shape[1], b.vision_dropped.shape[1])  # noqa: E731
+    assert steps(batch.trimmed()) == (12, 15, 11, 11)
+    assert steps(batch.trimmed(8)) == (16, 16, 16, 16)
+    assert steps(batch.trimmed(32)) == (18, 25, 21, 21)  # at most the padded lengths
+    assert steps(SpeedConfig().prepare(batch, "cpu")) == (12, 15, 11, 11)  # rounding is CUDA's default only
+    assert steps(SpeedConfig(trim_multiple=8).prepare(batch, "cpu")) == (16, 16, 16, 16)
+    with pytest.raises(ValueError, match="trim_multiple=0"):
+        SpeedConfig(trim_multiple=0)
+
+    torch.manual_seed(0)
+    model = EMTDLFR(tiny_config(fused_views=True, stack_modalities="time")).train().double()
+    model.text_encoder.eval()
+    terms, grads = losses_and_grads(model, batch.trimmed())
+    terms8, grads8 = losses_and_grads(model, batch.trimmed(8))
+    for key, value in terms.items():
+        torch.testing.assert_close(terms8[key], value, rtol=1e-9, atol=1e-12, msg=key)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads8[name], grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision='fp8'"):
         SpeedConfig(precision="fp8")
