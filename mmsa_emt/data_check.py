@@ -42,6 +42,7 @@ __all__ = [
     "FeatureFileNotFoundError",
     "FeatureReport",
     "check_feature_file",
+    "load_feature_file",
     "zero_nonfinite",
 ]
 
@@ -247,6 +248,13 @@ def _load(path: Path, ctx: _Ctx) -> Any:
         ) from exc
 
 
+def load_feature_file(path: str | os.PathLike[str], *, config_hint: str = "") -> Any:
+    """The unpickled content of an MMSA feature file, with :func:`check_feature_file`'s errors for a file that is
+    missing or unreadable (its content is not checked)."""
+    path = Path(path)
+    return _load(path, _Ctx(path, config_hint))
+
+
 def check_feature_file(
     path: str | os.PathLike[str],
     *,
@@ -254,6 +262,7 @@ def check_feature_file(
     need_lengths: bool = True,
     extra_label_keys: Sequence[str] = (),
     config_hint: str = "",
+    data: Any = None,
 ) -> FeatureReport:
     """Validate an MMSA feature file and summarise it.
 
@@ -262,6 +271,7 @@ def check_feature_file(
     ``extra_label_keys``: further label keys to require, e.g. SIMS'
     ``('regression_labels_T', 'regression_labels_A', 'regression_labels_V')``.
     ``config_hint``: where the path came from; appended to every error message.
+    ``data``: the file's content when it is already loaded (:func:`load_feature_file`); not read again.
 
     Raises :class:`FeatureFileNotFoundError` (a :class:`FeatureFileError` and a
     ``FileNotFoundError``) if the file is missing and :class:`FeatureFileError`
@@ -271,7 +281,8 @@ def check_feature_file(
     ctx = _Ctx(path, config_hint)
     if isinstance(extra_label_keys, str):  # a lone "regression_labels_T" is not 19 keys
         extra_label_keys = (extra_label_keys,)
-    data = _load(path, ctx)
+    if data is None:
+        data = _load(path, ctx)
 
     if not isinstance(data, Mapping):
         raise ctx.error(

@@ -23,6 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
 from . import model as _model  # noqa: F401  (registers the models)
-from .data_check import FeatureReport, check_feature_file, zero_nonfinite
+from .data_check import FeatureReport, check_feature_file, load_feature_file, zero_nonfinite
 from .metrics import DATASET_METRICS
 from .missing import incomplete_view_file
 from .model import MODALITIES, EMTDLFRConfig
@@ -236,13 +237,23 @@ def _check_vocabulary(args: EasyDict, max_token_id: int | None, feature_path: st
                              "another vocabulary")
 
 
-def _check_inputs(args: EasyDict) -> FeatureReport:
-    """Checks the feature file (and, for our models, the missing-data settings and the vocabulary)."""
-    path = args.get("custom_feature") or args["featurePath"]
+def _feature_path(args: Mapping[str, Any]) -> str:
+    """The feature file MMSA's datasets read: ``custom_feature`` if set, else ``featurePath``."""
+    return str(args.get("custom_feature") or args["featurePath"])
+
+
+def _load_features(args: EasyDict) -> Any:
+    return load_feature_file(_feature_path(args), config_hint=args.get("feature_hint", ""))
+
+
+def _check_inputs(args: EasyDict, data: Any = None) -> FeatureReport:
+    """Checks the feature file, or its content ``data`` if already loaded (and, for our models, the missing-data
+    settings and the vocabulary)."""
+    path = _feature_path(args)
     extra = SIMS_LABEL_KEYS if args["dataset_name"] == "sims" else ()
     report = check_feature_file(path, use_bert=bool(args.get("use_bert")),
                                 need_lengths=not args.get("need_data_aligned"), extra_label_keys=extra,
-                                config_hint=args.get("feature_hint", ""))
+                                config_hint=args.get("feature_hint", ""), data=data)
     for key in ("feature_T", "feature_A", "feature_V"):
         if args.get(key) and not Path(args[key]).is_file():
             raise FileNotFoundError(f"{key}='{args[key]}' does not exist")
@@ -288,12 +299,37 @@ def _mend_datasets(args: EasyDict, report: FeatureReport, datasets: list[MMDatas
                     setattr(dataset, name, zero_nonfinite(getattr(dataset, name)))
 
 
+@contextmanager
+def _unpickled_once(path: str, data: Any) -> Iterator[None]:
+    """Within the block MMSA's datasets, which unpickle the whole feature file once per split, are handed ``data``,
+    the file's content loaded once, when they open ``path`` (MMSA copies what it keeps and changes only its
+    copies, so the splits share nothing). Other files are read as before."""
+    real, target = mmsa_data_loader.pickle, os.path.realpath(path)
+
+    class _Loaded:
+        @staticmethod
+        def load(file: Any, *args: Any, **kwargs: Any) -> Any:
+            if os.path.realpath(getattr(file, "name", "")) == target:
+                return data
+            return real.load(file, *args, **kwargs)
+
+    mmsa_data_loader.pickle = _Loaded
+    try:
+        yield
+    finally:
+        mmsa_data_loader.pickle = real
+
+
 def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataLoader]:
     """MMSA's ``MMDataLoader`` after checking the input (see ``_check_inputs``), with non-finite audio/vision
     zeroed for our models, no training batch of one sample (BatchNorm cannot train on it) and, for MMSA's
-    built-in models, the args mended as ``_mend_builtin_args`` says."""
-    report = _check_inputs(args)
-    loaders = _mmsa_data_loader(args, num_workers)
+    built-in models, the args mended as ``_mend_builtin_args`` says. The feature file is read once, not once for
+    the check and once per split (MOSEI's unaligned file is several GB)."""
+    data = _load_features(args)
+    report = _check_inputs(args, data)
+    with _unpickled_once(_feature_path(args), data):
+        loaders = _mmsa_data_loader(args, num_workers)
+    del data
     _mend_datasets(args, report, [loader.dataset for loader in loaders.values()])
     train = loaders["train"]
     if len(train.dataset) % train.batch_size == 1:
@@ -305,9 +341,12 @@ def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataL
 
 
 def checked_test_loader(args: EasyDict, num_workers: int = 0) -> DataLoader:
-    """The test split alone, checked and mended like ``checked_data_loader``."""
-    report = _check_inputs(args)
-    dataset = _MMDataset(args, mode="test")
+    """The test split alone, checked and mended like ``checked_data_loader`` (the file read once)."""
+    data = _load_features(args)
+    report = _check_inputs(args, data)
+    with _unpickled_once(_feature_path(args), data):
+        dataset = _MMDataset(args, mode="test")
+    del data
     _mend_datasets(args, report, [dataset])
     return DataLoader(dataset, batch_size=args["batch_size"], shuffle=False, num_workers=num_workers)
 

@@ -142,3 +142,36 @@ def test_epoch_and_sample_results_for_mmsa_sena_path(workspace, tmp_path):
     assert n == len(test["SResults"]) == len(test["Labels"]) == 21
     assert test["Features"]["Feature_t"].shape == (n, 32) and test["Features"]["Feature_f"].shape == (n, 48)
     assert len(set(test["Ids"])) == n
+
+
+def test_feature_file_is_read_once_per_loader(workspace, monkeypatch):
+    """The check and MMSA's three datasets share one read of the feature file (MMSA alone unpickles it once per
+    split), and the datasets hold exactly what MMSA's own loader gives; pickle is MMSA's again afterwards."""
+    import os
+
+    import MMSA.data_loader as mmsa_data_loader
+
+    from mmsa_emt.mmsa_compat import _mmsa_data_loader, checked_data_loader, checked_test_loader, trial_args
+
+    args = trial_args("EMT-DLFR", "mosi", workspace("mosi"))
+    feature_file = os.path.realpath(args["featurePath"])
+    reference = _mmsa_data_loader(args, 0)  # MMSA's own: three reads
+    reads, real_load = [], pickle.load
+
+    def counting_load(file, *a, **k):
+        reads.append(os.path.realpath(file.name))
+        return real_load(file, *a, **k)
+
+    monkeypatch.setattr(pickle, "load", counting_load)
+    loaders = checked_data_loader(args, 0)
+    assert reads.count(feature_file) == 1
+    for split in ("train", "valid", "test"):
+        ours, theirs = loaders[split].dataset, reference[split].dataset
+        for name in ("text", "text_m", "audio", "audio_m", "vision", "vision_m", "audio_lengths", "vision_lengths"):
+            np.testing.assert_array_equal(np.asarray(getattr(ours, name)), np.asarray(getattr(theirs, name)),
+                                          err_msg=f"{split}/{name}")
+        np.testing.assert_array_equal(ours.labels["M"], theirs.labels["M"])
+    reads.clear()
+    test = checked_test_loader(args, 0)
+    assert reads.count(feature_file) == 1 and len(test.dataset) == len(reference["test"].dataset)
+    assert mmsa_data_loader.pickle is pickle
