@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the speed work, in priority order, each capped in time. The caps add up to 12.5
+# The GPU measurements of the speed work, in priority order, each capped in time. The caps add up to 14.3
 # minutes: on a borrowed card's 10-minute slot run it under `timeout 540`, which cuts the last steps.
 #
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
@@ -12,11 +12,15 @@
 #    add them to the list to measure them again.
 # 3. bench_train.py, MOSI shape: fast-compile (BERT and the fusion through torch.compile/Inductor, no graph break
 #    since 2026-11-27's fifth session; the warm-up compiles the training and the evaluation graphs: minutes).
-# 4. bench_graphs.py: the shipped step eager against its forward+backward replayed as a CUDA graph (an experiment:
+# 4. bench_mmsa_run.py at MOSI's full split sizes (1,284 training samples): one end-to-end MMSA_run epoch,
+#    baseline against fast. At a quarter of them (H100, older code) the fixed costs, the same in both modes
+#    (building the model, reading the data, writing and reloading the 440 MB checkpoint, the test), hid most of
+#    the gain: x1.63.
+# 5. bench_graphs.py: the shipped step eager against its forward+backward replayed as a CUDA graph (an experiment:
 #    how much of the step is host overhead).
-# 5. fast again under the profiler (GPU busy share, top kernels).
-# 6. bench_train.py, MOSEI shape: baseline and fast.
-# 7. bench_fusion.py on the GPU (metrics_report.py --device cuda needs a slot of its own).
+# 6. fast again under the profiler (GPU busy share, top kernels).
+# 7. bench_train.py, MOSEI shape: baseline and fast.
+# 8. bench_fusion.py on the GPU (metrics_report.py --device cuda needs a slot of its own).
 # Each step prints its last lines; a step that runs out of time is cut and the next one starts.
 set -u
 cd "$(dirname "$0")/.."
@@ -37,6 +41,7 @@ step mosi 150 python benchmarks/bench_train.py --shapes mosi --modes baseline fa
     --timeout 50 --out "$out/mosi.json"
 step compile 240 python benchmarks/bench_train.py --shapes mosi --modes fast-compile --steps 4 --repeats 2 \
     --timeout 235 --out "$out/mosi_compile.json"
+step mmsa_run 110 python benchmarks/bench_mmsa_run.py --scale 1.0 --out "$out/mmsa_run"
 step graphs 90 python benchmarks/bench_graphs.py --out "$out/graphs.json"
 step mosi_profile 50 python benchmarks/bench_train.py --shapes mosi --modes fast --steps 4 --repeats 1 --profile \
     --timeout 45 --out "$out/profile/mosi_profile.json"
