@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed work, in priority order, each capped in time. The caps add up to 14.3
-# minutes: on a borrowed card's 10-minute slot run it under `timeout 540`, which cuts the last steps.
+# minutes: on a borrowed card's 10-minute slot run it under `timeout 570`, which cuts the last steps.
 #
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
 #
