@@ -292,6 +292,11 @@ def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, p
     one_step = steps_of(1)
     if not speed.compile:
         result["ops_per_step"] = count_ops(one_step)
+    else:  # what TorchDynamo made of the step: any graph break or recompilation costs launches and warm-up
+        from torch._dynamo.utils import counters
+
+        result["graph_breaks"] = sum(counters["graph_break"].values())
+        result["graphs"] = counters["stats"]["unique_graphs"]
     if device == "cuda" and not speed.sync_every_step:
         per_epoch, result["first_sync"] = count_host_syncs(one_step)  # the epoch's summary reads back once
         result["host_syncs"] = count_host_syncs(steps_of(2))[0] - per_epoch  # so one more step adds these
@@ -307,6 +312,8 @@ def print_row(r: dict) -> None:
           f"{r['eval_samples_s']:7.2f} samples/s | peak {r['peak_gib']:.2f} GiB | "
           f"{r['gflop_per_sample']:.1f} GFLOP/sample | {r.get('ops_per_step', 'n/a')} ops/step | "
           f"warm-up {r['warmup_s']:.0f} s", flush=True)
+    if "graphs" in r:
+        print(f"        compiled: {r['graphs']} graphs, {r['graph_breaks']} graph breaks", flush=True)
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in r["card"]), None)
     if r["device"] == "cuda":
         extra = f"        {r['card']}; host syncs per step: {r.get('host_syncs', 'n/a')}"
