@@ -101,9 +101,10 @@ def test_stacked_modalities_compute_what_the_loop_computes(stacking, mpu_share, 
         torch.testing.assert_close(gp2[name], gp1[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
-@pytest.mark.parametrize("lengths", [((4, 4), (4, 4), (4, 4)), ((6,), (1,), (3,))])
+@pytest.mark.parametrize("lengths", [((4, 4), (4, 4), (4, 4)), ((6,), (1,), (3,)), ((3, 2), (5, 5), (2, 1))])
 def test_joined_modalities_with_equal_lengths_and_batch_of_one(lengths):
-    """Equal segments take the stacked-on-the-batch path of the attention; a batch of one sample still works."""
+    """Equal segments take the stacked-on-the-batch path of the attention; a batch of one sample still works; audio
+    as long as the context (3 steps) shares a run with the context's unmasked self-attention."""
     loop = EMT(16, depth=2, heads=4).double().eval()
     joined = EMT(16, depth=2, heads=4, stack_modalities="time").double().eval()
     joined.load_state_dict(loop.state_dict())
@@ -125,6 +126,39 @@ def test_joined_modalities_keep_attention_dropout_within_each_modality():
         outs.append(emt(context, [local[0], local[1], vision], masks)[1])
     torch.testing.assert_close(outs[0][1], outs[1][1])
     assert not torch.allclose(outs[0][2], outs[1][2])
+
+
+def test_joined_fusion_attends_to_the_context_without_a_mask(monkeypatch):
+    """Joined along time, every attention whose keys are the context G (always valid) runs without a mask, and
+    every attention over frames gets its modality's mask."""
+    from mmsa_emt.nn.emt import Attention
+
+    calls, attend = [], Attention._attend
+
+    def recording(self, q, k, v, mask):
+        calls.append((k.shape[2], mask is None))
+        return attend(self, q, k, v, mask)
+
+    monkeypatch.setattr(Attention, "_attend", recording)
+    context, local, masks = inputs()  # frames 10, 7, 5; the context has 3 tokens
+    EMT(16, depth=2, heads=4, stack_modalities="time").eval()(context, local, masks)
+    assert {keys for keys, unmasked in calls if unmasked} == {3}
+    assert {keys for keys, unmasked in calls if not unmasked} == {10, 7, 5}
+
+
+def test_run_masks_from_one_mask_per_segment():
+    from mmsa_emt.nn.emt import run_masks
+
+    a, b = torch.tensor([[True, False], [True, True]]), torch.tensor([[True, True], [False, True]])
+    # runs: 2 segments of 2 keys stacked, then 1 of 3 keys
+    masks = run_masks([None, a, None], [(2, 1, 2), (1, 1, 3)])
+    assert masks[1] is None
+    torch.testing.assert_close(masks[0], torch.cat([torch.ones(2, 2, dtype=torch.bool), a])[:, None, None, :])
+    joined = run_masks(torch.cat([a, b, torch.ones(2, 3, dtype=torch.bool)], dim=1), [(2, 1, 2), (1, 1, 3)])
+    torch.testing.assert_close(joined[0], torch.cat([a, b])[:, None, None, :])
+    assert joined[1].shape == (2, 1, 1, 3)
+    with pytest.raises(ValueError, match="2 key masks for 3 key segments"):
+        run_masks([a, b], [(2, 1, 2), (1, 1, 3)])
 
 
 def test_segments_group_into_runs_of_equal_lengths_and_must_add_up():

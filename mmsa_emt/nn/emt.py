@@ -28,6 +28,7 @@ from .sdpa import fused_backends
 
 STACKINGS = (None, "time", "batch")  # EMT's ways to run all modalities in one call (None: one call each)
 Segments = tuple[Sequence[int], Sequence[int]]  # (query lengths, key lengths) of sequences joined along time
+KeyMask = Tensor | Sequence[Tensor | None] | None  # (b, t_k) True at valid keys; or one per key segment
 POOL_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
 
@@ -46,29 +47,30 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(dim, 2 * dim, bias=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: Tensor | None = None,
+    def forward(self, x: Tensor, context: Tensor | None = None, key_mask: KeyMask = None,
                 segments: Segments | None = None) -> Tensor:
         """x (b, t_q, d) attends to context (b, t_k, d) (default: itself).
 
         ``segments`` = (query lengths, key lengths): x and context are several sequences joined along time, and
-        query segment s attends only to key segment s (one kernel per run of consecutive equal segments).
+        query segment s attends only to key segment s (one kernel per run of consecutive equal segments). With
+        segments, ``key_mask`` may also be one mask per key segment, None where all of its keys are valid: that
+        segment's attention then runs without a mask (no mask conversion, alignment copy or masked kernel).
         """
         context = x if context is None else context
         q = rearrange(self.to_q(x), "b i (h e) -> b h i e", h=self.heads)  # (b, h, t_q, d/h)
         k, v = (rearrange(t, "b j (h e) -> b h j e", h=self.heads) for t in self.to_kv(context).chunk(2, dim=-1))
-        mask = None if key_mask is None else rearrange(key_mask, "b j -> b 1 1 j")
         if segments is None:
-            out = self._attend(q, k, v, mask)
+            if key_mask is not None and not isinstance(key_mask, Tensor):
+                raise ValueError("one key mask per segment needs the segments")
+            out = self._attend(q, k, v, None if key_mask is None else rearrange(key_mask, "b j -> b 1 1 j"))
         else:  # one kernel per run of consecutive segments of equal lengths, stacked along the batch
             runs = segment_runs(*segments, queries=q.shape[2], keys=k.shape[2],
                                 merge=not torch.compiler.is_compiling())  # compiled: no guard on equal lengths
             q_runs = q.split([n * i for n, i, _ in runs], dim=2)
             k_runs, v_runs = (t.split([n * j for n, _, j in runs], dim=2) for t in (k, v))
-            m_runs = [None] * len(runs) if mask is None else mask.split([n * j for n, _, j in runs], dim=3)
             outs = []
-            for (n, _, _), qr, kr, vr, mr in zip(runs, q_runs, k_runs, v_runs, m_runs):
+            for (n, _, _), qr, kr, vr, mr in zip(runs, q_runs, k_runs, v_runs, run_masks(key_mask, runs)):
                 stack = lambda t, n=n: rearrange(t, "b h (s i) e -> (s b) h i e", s=n)  # noqa: E731
-                mr = None if mr is None else rearrange(mr, "b 1 1 (s j) -> (s b) 1 1 j", s=n)
                 out = self._attend(stack(qr), stack(kr), stack(vr), mr)  # (n b, h, i, d/h)
                 outs.append(rearrange(out, "(s b) h i e -> b h (s i) e", s=n))
             out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (b, h, t_q, d/h)
@@ -87,6 +89,30 @@ class Attention(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask, -torch.finfo(scores.dtype).max)
         return F.dropout(scores.softmax(dim=-1), dropout, self.training) @ v
+
+
+def run_masks(key_mask: KeyMask, runs: Sequence[tuple[int, int, int]]) -> list[Tensor | None]:
+    """The key mask of each run of ``segment_runs``, (n b, 1, 1, j) with the segments stacked along the batch as the
+    queries are, from the joined mask (b, sum of n j) or from one mask per key segment (None: all keys valid; a
+    run whose segments are all such gets None)."""
+    if key_mask is None:
+        return [None] * len(runs)
+    if isinstance(key_mask, Tensor):
+        pieces = key_mask.split([n * j for n, _, j in runs], dim=1)
+        return [rearrange(piece, "b (s j) -> (s b) 1 1 j", s=n) for piece, (n, _, _) in zip(pieces, runs)]
+    if len(key_mask) != sum(n for n, _, _ in runs):
+        raise ValueError(f"{len(key_mask)} key masks for {sum(n for n, _, _ in runs)} key segments")
+    masks, start = [], 0
+    for n, _, j in runs:
+        group, start = key_mask[start:start + n], start + n
+        given = [m for m in group if m is not None]
+        if not given:
+            masks.append(None)
+            continue
+        ones = given[0].new_ones(given[0].shape[0], j) if len(given) < n else None
+        stacked = given[0] if n == 1 else torch.cat([ones if m is None else m for m in group])  # (n b, j)
+        masks.append(stacked[:, None, None, :])  # (n b, 1, 1, j)
+    return masks
 
 
 def segment_runs(query_steps: Sequence[int], key_steps: Sequence[int], *, queries: int, keys: int,
@@ -144,8 +170,8 @@ class HalfMPU(nn.Module):
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, mult=ff_expansion, dropout=ff_dropout)
 
-    def forward(self, x: Tensor, context: Tensor, *, x_mask: Tensor | None = None,
-                context_mask: Tensor | None = None, cross_segments: Segments | None = None,
+    def forward(self, x: Tensor, context: Tensor, *, x_mask: KeyMask = None,
+                context_mask: KeyMask = None, cross_segments: Segments | None = None,
                 x_segments: Sequence[int] | None = None) -> Tensor:
         """x (b, t_x, d), context (b, t_c, d) -> x (b, t_x, d). With several sequences joined along time,
         ``cross_segments`` pairs x's segments with the context's and ``x_segments`` splits x for self-attention."""
@@ -305,9 +331,9 @@ class EMT(nn.Module):
         joined H go in side by side, G_k attending to H_k and every H_k to G, each sequence to itself.
         """
         k, m, steps = len(local), context.shape[1], [x.shape[1] for x in local]
-        h, mask = torch.cat(local, dim=1), torch.cat(list(masks), dim=1)  # (b, T, d), (b, T); T = sum of t_k
-        g_valid = mask.new_ones(mask.shape[0], k * m)  # (b, k m)
-        x_mask, context_mask = torch.cat([g_valid, mask], dim=1), torch.cat([mask, g_valid[:, :m]], dim=1)
+        h = torch.cat(local, dim=1)  # (b, T, d); T = sum of t_k
+        # one key mask per segment; G's keys are all valid, so attention to them runs unmasked (None)
+        x_mask, context_mask = [None] * k + list(masks), [*masks, None]  # keys [G_1..G_k, H_1..H_k], [H_1..H_k, G]
         cross = ([m] * k + [sum(steps)], [*steps, m])  # G_k attends to H_k; all of H attends to G
         for layer, pool in zip(self.layers, self.pools):
             to_local, to_context = layer[0]
@@ -317,8 +343,8 @@ class EMT(nn.Module):
                              context_mask=context_mask, cross_segments=cross, x_segments=[m] * k + steps)
                 promoted, h = x[:, : k * m], x[:, k * m:]
             else:
-                promoted = to_context(g, h, context_mask=mask, cross_segments=([m] * k, steps),
+                promoted = to_context(g, h, context_mask=list(masks), cross_segments=([m] * k, steps),
                                       x_segments=[m] * k)  # G_k for every k: (b, k m, d)
-                h = to_local(h, context, x_mask=mask, x_segments=steps)  # every H_k attends to G: (b, T, d)
+                h = to_local(h, context, x_mask=list(masks), x_segments=steps)  # every H_k attends to G: (b, T, d)
             context = pool(rearrange(promoted, "b (k m) d -> b k m d", k=k))  # (b, m, d)
         return context, list(h.split(steps, dim=1))
