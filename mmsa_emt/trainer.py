@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -139,7 +140,7 @@ def compile_model(model: EMTDLFR, *, backend: str = "inductor") -> EMTDLFR:
 def _floats_as_constants(compiled: Callable) -> Callable:
     """``compiled``, traced (at its first calls) with TorchDynamo's ``specialize_float`` on, only for itself."""
     @functools.wraps(compiled)
-    def call(*args, **kwargs):
+    def call(*args: Any, **kwargs: Any) -> Any:
         with torch._dynamo.config.patch(specialize_float=True):
             return compiled(*args, **kwargs)
 
