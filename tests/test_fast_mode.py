@@ -341,9 +341,35 @@ def test_bert_attention_picks_among_the_fusions_kernels(tiny_config, monkeypatch
     assert torch.backends.cuda.mem_efficient_sdp_enabled()  # and back on after
 
 
+@pytest.mark.parametrize("case", ["fp32", "bf16", "bf16-cast-once", "bf16-bert-fp32", "fp64"])
+def test_berts_ready_made_mask_has_the_dtype_of_its_queries(tiny_config, monkeypatch, case):
+    """A float mask must have the queries' dtype for CUDA's fused kernels (the CPU's accept any float mask, so
+    only this check catches a mismatch here): under bf16 autocast bf16, with BERT kept in float32 or without
+    autocast float32, for a float64 model float64; and its rows are 8-aligned at any text length."""
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        seen.append((q.dtype, attn_mask.dtype))
+        assert all(stride % 8 == 0 for stride in attn_mask.stride()[:-1])  # no aligned copy per call on CUDA
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    overrides = {"bf16-cast-once": {"encoder_cast_once": True}, "bf16-bert-fp32": {"encoder_autocast": False}}
+    encoder = EMTDLFR(tiny_config(**overrides.get(case, {}))).text_encoder.train()
+    if case == "fp64":
+        encoder.double()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.startswith("bf16"))
+    with autocast:
+        encoder(random_batch(4).text)
+    expected = {"bf16": torch.bfloat16, "bf16-cast-once": torch.bfloat16, "fp64": torch.float64}.get(case,
+                                                                                                  torch.float32)
+    assert seen and set(seen) == {(expected, expected)}
+
+
 def test_bert_gets_a_ready_made_mask_without_the_host_sync(tiny_config, monkeypatch):
-    """BERT's SDPA attention is given the 4-D boolean mask transformers would build from the 2-D one: the same
-    output (padded batch, dropout on, same seed), and transformers never asks mask.all() (a host sync on CUDA)."""
+    """BERT's SDPA attention is given a ready-made 4-D additive mask, the bias PyTorch would make in every layer of
+    the boolean mask transformers would build from the 2-D one: the same output, bit for bit (padded batch, dropout
+    on, same seed), and transformers never asks mask.all() (a host sync on CUDA)."""
     import transformers.masking_utils as masking
 
     from mmsa_emt.nn.encoders import READY_MADE_MASKS
@@ -360,7 +386,7 @@ def test_bert_gets_a_ready_made_mask_without_the_host_sync(tiny_config, monkeypa
         torch.manual_seed(0)
         encoder = EMTDLFR(tiny_config()).text_encoder.train()
         if not ready_made:
-            monkeypatch.setattr(encoder, "attention_mask", lambda mask: mask)
+            monkeypatch.setattr(encoder, "attention_mask", lambda mask, dtype: mask)
         asked.clear()
         outputs.append(encoder(text))
         assert asked == ([] if ready_made else [True])

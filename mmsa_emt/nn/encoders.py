@@ -64,21 +64,34 @@ class BertTextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.bert.config.hidden_size
 
-    def attention_mask(self, mask: Tensor) -> Tensor:
+    def attention_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
         """(b, l) 0/1 padding mask -> what BERT is given. For a BertModel with SDPA attention (transformers >= 5,
-        which passes 4-D masks through as they are) the 4-D boolean mask (b, 1, 1, l) that transformers would build
-        itself, ready-made: from the 2-D mask it first asks ``mask.all()`` to see whether it can drop the mask, a
-        host synchronisation on CUDA (the last one of a training step). Other encoders and attention
-        implementations get the 2-D mask as before."""
+        which passes 4-D masks through as they are) the additive bias (b, 1, 1, l) in the attention's ``dtype``,
+        0 at valid keys and -inf at padding: what PyTorch would make of a boolean mask in each of BERT's layers
+        (2 kernels per layer on CUDA, 4 at a length that is not a multiple of 8), made once. From the 2-D mask
+        transformers would first ask ``mask.all()`` to see whether it can drop the mask, a host synchronisation on
+        CUDA. Other encoders and attention implementations get the 2-D mask as before."""
         if (READY_MADE_MASKS and isinstance(self.bert, transformers.BertModel)
                 and getattr(self.bert.config, "_attn_implementation", None) == "sdpa"):
-            return mask.bool()[:, None, None, :]  # (b, 1, 1, l): every query sees the valid keys
+            b, length = mask.shape
+            aligned = -(-length // 8) * 8  # rows 8-aligned, as CUDA's memory-efficient kernel wants: no copy per call
+            bias = torch.zeros(b, 1, 1, aligned, dtype=dtype, device=mask.device)[..., :length]  # (b, 1, 1, l)
+            return bias.masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
         return mask
+
+    def attention_dtype(self, kind: str) -> torch.dtype:
+        """The dtype of BERT's queries: autocast's for float32 weights under autocast (unless BERT is kept out of
+        it), else the weights'. SDPA on CUDA wants a float mask of exactly this dtype."""
+        weights = self.bert.get_input_embeddings().weight.dtype
+        if self.autocast and torch.is_autocast_enabled(kind) and weights == torch.float32:
+            return torch.get_autocast_dtype(kind)
+        return weights
 
     def forward(self, text: Tensor) -> Tensor:
         ids, mask, segments = text[:, 0].long(), text[:, 1].long(), text[:, 2].long()  # 3 x (b, l)
-        inputs = {"input_ids": ids, "attention_mask": self.attention_mask(mask), "token_type_ids": segments}
         kind = text.device.type
+        inputs = {"input_ids": ids, "attention_mask": self.attention_mask(mask, self.attention_dtype(kind)),
+                  "token_type_ids": segments}
         in_float32 = torch.autocast(kind, enabled=False) if not self.autocast else nullcontext()
         # BERT's SDPA attention picks among the fusion's kernels; not when its layers are recomputed in backward,
         # outside this block, where another kernel would draw other dropout masks
