@@ -98,7 +98,7 @@ def attraction_loss(p_complete: Tensor, z_complete: Tensor, p_incomplete: Tensor
 def stacked_attraction_loss(p: Tensor, z: Tensor) -> Tensor:
     """Eq. 13 with the views stacked, p and z (2b, D) = [complete; incomplete]: each view's p against the other
     view's z. Both halves have b rows, so the mean over all 2b is the average of the two D terms."""
-    return -F.cosine_similarity(p, z.roll(z.shape[0] // 2, dims=0), dim=1).mean()
+    return negative_cosine(p, z.roll(z.shape[0] // 2, dims=0))
 
 
 def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "SmoothL1Loss") -> Tensor:
