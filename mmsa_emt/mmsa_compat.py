@@ -242,13 +242,9 @@ def _feature_path(args: Mapping[str, Any]) -> str:
     return str(args.get("custom_feature") or args["featurePath"])
 
 
-def _load_features(args: EasyDict) -> Any:
-    return load_feature_file(_feature_path(args), config_hint=args.get("feature_hint", ""))
-
-
-def _check_inputs(args: EasyDict, data: Any = None) -> FeatureReport:
-    """Checks the feature file, or its content ``data`` if already loaded (and, for our models, the missing-data
-    settings and the vocabulary)."""
+def _check_inputs(args: EasyDict, data: Any) -> FeatureReport:
+    """Checks the feature file's content ``data`` (and, for our models, the missing-data settings and the
+    vocabulary)."""
     path = _feature_path(args)
     extra = SIMS_LABEL_KEYS if args["dataset_name"] == "sims" else ()
     report = check_feature_file(path, use_bert=bool(args.get("use_bert")),
@@ -320,16 +316,24 @@ def _unpickled_once(path: str, data: Any) -> Iterator[None]:
         mmsa_data_loader.pickle = real
 
 
+@contextmanager
+def _checked_features(args: EasyDict) -> Iterator[FeatureReport]:
+    """Reads the feature file once and checks it (see ``_check_inputs``); yields the report, and MMSA's datasets
+    built within the block get that content instead of unpickling the file again (``_unpickled_once``)."""
+    path = _feature_path(args)
+    data = load_feature_file(path, config_hint=args.get("feature_hint", ""))
+    report = _check_inputs(args, data)
+    with _unpickled_once(path, data):
+        yield report
+
+
 def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataLoader]:
     """MMSA's ``MMDataLoader`` after checking the input (see ``_check_inputs``), with non-finite audio/vision
     zeroed for our models, no training batch of one sample (BatchNorm cannot train on it) and, for MMSA's
     built-in models, the args mended as ``_mend_builtin_args`` says. The feature file is read once, not once for
     the check and once per split (MOSEI's unaligned file is several GB)."""
-    data = _load_features(args)
-    report = _check_inputs(args, data)
-    with _unpickled_once(_feature_path(args), data):
+    with _checked_features(args) as report:
         loaders = _mmsa_data_loader(args, num_workers)
-    del data
     _mend_datasets(args, report, [loader.dataset for loader in loaders.values()])
     train = loaders["train"]
     if len(train.dataset) % train.batch_size == 1:
@@ -342,11 +346,8 @@ def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataL
 
 def checked_test_loader(args: EasyDict, num_workers: int = 0) -> DataLoader:
     """The test split alone, checked and mended like ``checked_data_loader`` (the file read once)."""
-    data = _load_features(args)
-    report = _check_inputs(args, data)
-    with _unpickled_once(_feature_path(args), data):
+    with _checked_features(args) as report:
         dataset = _MMDataset(args, mode="test")
-    del data
     _mend_datasets(args, report, [dataset])
     return DataLoader(dataset, batch_size=args["batch_size"], shuffle=False, num_workers=num_workers)
 
