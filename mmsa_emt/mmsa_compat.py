@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -316,12 +316,17 @@ def _unpickled_once(path: str, data: Any) -> Iterator[None]:
         mmsa_data_loader.pickle = real
 
 
+def _read_features(args: Mapping[str, Any]) -> Any:
+    return load_feature_file(_feature_path(args), config_hint=args.get("feature_hint", ""))
+
+
 @contextmanager
-def _checked_features(args: EasyDict) -> Iterator[FeatureReport]:
-    """Reads the feature file once and checks it (see ``_check_inputs``); yields the report, and MMSA's datasets
-    built within the block get that content instead of unpickling the file again (``_unpickled_once``)."""
+def _checked_features(args: EasyDict, data: Any = None) -> Iterator[FeatureReport]:
+    """Reads the feature file once (unless its content ``data`` is given) and checks it (see ``_check_inputs``);
+    yields the report, and MMSA's datasets built within the block get that content instead of unpickling the file
+    again (``_unpickled_once``)."""
     path = _feature_path(args)
-    data = load_feature_file(path, config_hint=args.get("feature_hint", ""))
+    data = _read_features(args) if data is None else data
     report = _check_inputs(args, data)
     with _unpickled_once(path, data):
         yield report
@@ -344,12 +349,25 @@ def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataL
     return loaders
 
 
-def checked_test_loader(args: EasyDict, num_workers: int = 0) -> DataLoader:
-    """The test split alone, checked and mended like ``checked_data_loader`` (the file read once)."""
-    with _checked_features(args) as report:
+def checked_test_loader(args: EasyDict, num_workers: int = 0, *, data: Any = None) -> DataLoader:
+    """The test split alone, checked and mended like ``checked_data_loader`` (the file read once, or not at all
+    when its content ``data`` is given)."""
+    with _checked_features(args, data) as report:
         dataset = _MMDataset(args, mode="test")
     _mend_datasets(args, report, [dataset])
     return DataLoader(dataset, batch_size=args["batch_size"], shuffle=False, num_workers=num_workers)
+
+
+def checked_test_loaders(args_list: Iterable[EasyDict], num_workers: int = 0) -> Iterator[DataLoader]:
+    """``checked_test_loader`` for each of ``args_list``, built one at a time as they are asked for. Consecutive
+    args naming the same feature file (a model tested at several missing rates) share one read of it, held until
+    the next file or the end; each loader is still checked and built from its own args."""
+    path, data = None, None
+    for args in args_list:
+        if _feature_path(args) != path:
+            data = None  # the previous file's content released before the next one is read
+            path, data = _feature_path(args), _read_features(args)
+        yield checked_test_loader(args, num_workers, data=data)
 
 
 def batch_from_mmsa(batch: Mapping[str, Any]) -> TwoViewBatch:
@@ -591,11 +609,18 @@ def run_missing_trial(args: EasyDict, *, seed: int, train_rates: Sequence[float]
     trainer.do_train(model, loaders)
     saved = Path(train_args["model_save_path"])  # our trainer picks a per-seed name that overwrites nothing
     model.load_state_dict(torch.load(saved, map_location="cpu"))
+    trained_at = loaders["test"]
+    del loaders  # the training and validation splits are not needed for testing
+
+    def same(rates: Sequence[float]) -> bool:
+        return [float(r) for r in rates] == [float(r) for r in train_rates]
+
+    # the other test rates' loaders, one at a time; for our models they share one read of the feature file
+    others = checked_test_loaders((_at_missing_rates(args, rates, cache_dir) for rates in test_rates
+                                   if not same(rates)), num_workers)
     results = []
     for rates in test_rates:
-        same = [float(r) for r in rates] == [float(r) for r in train_rates]
-        loader = loaders["test"] if same else checked_test_loader(_at_missing_rates(args, rates, cache_dir),
-                                                                  num_workers)
+        loader = trained_at if same(rates) else next(others)
         results.append(_plain({k: v for k, v in trainer.do_test(model, loader, mode="TEST").items()
                                if isinstance(v, (int, float))}))
     return results, saved

@@ -3,6 +3,7 @@
 import ast
 import pickle
 import random
+from pathlib import Path
 
 import MMSA.run as mmsa_run
 import numpy as np
@@ -175,3 +176,33 @@ def test_feature_file_is_read_once_per_loader(workspace, monkeypatch):
     test = checked_test_loader(args, 0)
     assert reads.count(feature_file) == 1 and len(test.dataset) == len(reference["test"].dataset)
     assert mmsa_data_loader.pickle is pickle
+
+
+def test_test_loaders_at_several_rates_share_one_read(workspace, monkeypatch):
+    """A model tested at several missing rates: the feature file is read once for all of them, and each loader is
+    exactly the one built from its own read (its own missing masks; MMSA's datasets do not change the shared
+    content)."""
+    import os
+
+    from mmsa_emt.mmsa_compat import _at_missing_rates, checked_test_loader, checked_test_loaders, trial_args
+
+    args = trial_args("EMT-DLFR", "mosi", workspace("mosi"))
+    feature_file = os.path.realpath(args["featurePath"])
+    at_rates = [_at_missing_rates(args, rates, Path("unused")) for rates in ([0.2] * 3, [0.7] * 3, [0.0, 0.5, 1.0])]
+    separate = [checked_test_loader(a, 0).dataset for a in at_rates]
+    reads, real_load = [], pickle.load
+
+    def counting_load(file, *a, **k):
+        reads.append(os.path.realpath(file.name))
+        return real_load(file, *a, **k)
+
+    monkeypatch.setattr(pickle, "load", counting_load)
+    shared = [loader.dataset for loader in checked_test_loaders(at_rates, 0)]
+    assert reads.count(feature_file) == 1
+    for rates, ours, theirs in zip(at_rates, shared, separate, strict=True):
+        for name in ("text_m", "audio_m", "vision_m", "audio", "labels"):
+            a, b = getattr(ours, name), getattr(theirs, name)
+            a, b = (a["M"], b["M"]) if name == "labels" else (a, b)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{rates['missing_rate']}/{name}")
+    assert not np.array_equal(shared[0].audio_m, shared[1].audio_m)  # the rates did make different views
+

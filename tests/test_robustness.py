@@ -1,5 +1,8 @@
 """Missing-rate sweeps: AUILC, resuming, outputs, and the rate effect on a planted signal."""
 
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,8 +109,15 @@ def test_planted_signal_is_lost_at_rate_one(workspace, tmp_path):
     assert mae[1.0] > 1.3 * mae[0.0], mae.to_dict()
 
 
-def test_train_once_and_per_modality_rates(workspace, tmp_path):
+def test_train_once_and_per_modality_rates(workspace, tmp_path, monkeypatch):
     config = workspace("mosi", scale=0.03)
+    reads, real_load = [], pickle.load
+
+    def counting_load(file, *a, **k):
+        reads.append(Path(getattr(file, "name", "")).suffix)
+        return real_load(file, *a, **k)
+
+    monkeypatch.setattr(pickle, "load", counting_load)
     result = sweep("EMT-DLFR", "mosi", config, modality_rates=[(0.0, 0.0, 0.0), (0.5, 0.0, 1.0)], seeds=[3],
                    protocol="train-once", train_rate=0.2, out_dir=tmp_path / "out", overrides=FAST,
                    progress=False, echo=lambda _: None)
@@ -116,6 +126,7 @@ def test_train_once_and_per_modality_rates(workspace, tmp_path):
     assert frame[["train_rate_t", "train_rate_a", "train_rate_v"]].eq(0.2).all().all()
     assert frame[["rate_t", "rate_a", "rate_v"]].values.tolist() == [[0.0, 0.0, 0.0], [0.5, 0.0, 1.0]]
     assert frame.checkpoint.nunique() == 1  # one model, tested at every setting
+    assert reads.count(".pkl") == 2  # the feature file: once to train, once for both test settings
     assert (tmp_path / "out" / "robustness_mosi_train-once@0.2.png").is_file()
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         sweep("EMT-DLFR", "mosi", config, rates=[0.0, 1.5], seeds=[3], out_dir=tmp_path / "o2", progress=False)
