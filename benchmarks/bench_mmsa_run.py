@@ -10,16 +10,30 @@ config to the authors' way of computing (``fused_attention``, ``fused_views``, `
 fp32``, ``stack_modalities`` and ``numpy_dropout`` off); fast mode is the shipped config (``precision: auto``:
 bf16 on CUDA). The data have MOSI's sequence lengths (``--quick``: a quarter of them, and fewer samples) and
 ``--scale`` of its split sizes. Each mode runs once in its own process after an untimed run of the same mode
-(caches, CUDA start); printed: wall seconds per run, the training samples per second this implies, and the ratio.
+(caches, CUDA start); printed: wall seconds per run, the training samples per second this implies, and the ratio,
+then where the time went in each mode (timers around the package's functions, CUDA synchronised where they end):
+
+* ``data``: reading and checking the feature file, MMSA's datasets and loaders;
+* ``model``: building the network (BERT loaded from disk);
+* ``train epoch``: ``train_one_epoch``, the part the speed levers act on (and what a real run repeats per epoch);
+* ``valid`` / ``test``: the evaluation passes;
+* ``checkpoint``: writing the best weights (``save_weights``) and reading them back (``torch.load``: our ``fit``
+  and MMSA's ``_run`` each reload them);
+* ``MMSA's pause``: ``time.sleep(1)`` at the end of MMSA's ``_run``, per seed;
+* ``other``: the rest (seeding, logging, results CSV, freeing memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import functools
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from workspace import bert_base, resolve_device, write_workspace
@@ -31,21 +45,71 @@ MODES = {
 }
 
 
-def worker(config: str, device: str, out: Path, mode: str) -> float:
-    """Seconds of one MMSA_run (after an untimed one); runs in its own process."""
+PHASES = ("data", "model", "train epoch", "valid", "test", "checkpoint", "MMSA's pause", "other")
+
+
+@contextlib.contextmanager
+def phase_timers(device: str) -> Iterator[collections.Counter]:
+    """Within the block, seconds spent in each of ``PHASES`` but 'other' accumulate in the counter yielded
+    (timers wrapped around the functions ``MMSA_run`` calls; nested timed calls count once, in the outer phase)."""
+    import MMSA.run as mmsa_run
+    import torch
+
+    import mmsa_emt.mmsa_compat as compat
+    import mmsa_emt.trainer as trainer
+
+    spent: collections.Counter = collections.Counter()
+    active: list[str] = []
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def timed(phase: Callable[..., str] | str, function: Callable) -> Callable:
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            if active:  # inside another timed call: charged to it
+                return function(*args, **kwargs)
+            name = phase(*args, **kwargs) if callable(phase) else phase
+            active.append(name)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                sync()
+                spent[name] += time.perf_counter() - start
+                active.pop()
+        return wrapper
+
+    def evaluation(*_args, desc: str = "", **_kwargs) -> str:
+        return "test" if desc == "test" else "valid"
+
+    targets = [(mmsa_run, "MMDataLoader", "data"), (mmsa_run, "AMIO", "model"),
+               (trainer, "train_one_epoch", "train epoch"), (trainer, "evaluate", evaluation),
+               (compat, "evaluate", evaluation), (trainer, "save_weights", "checkpoint"),
+               (torch, "load", "checkpoint"), (mmsa_run.time, "sleep", "MMSA's pause")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
+    for owner, name, phase in targets:
+        setattr(owner, name, timed(phase, getattr(owner, name)))
+    try:
+        yield spent
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def worker(config: str, device: str, out: Path, mode: str) -> dict[str, float]:
+    """Seconds of one MMSA_run (after an untimed one), in all and per phase; runs in its own process."""
     from MMSA import MMSA_run
 
     import mmsa_emt  # noqa: F401  (registers EMT-DLFR)
 
     gpu_ids = [0] if device == "cuda" else []
-    seconds = []
     for attempt in ("warm-up", "timed"):
-        start = time.perf_counter()
-        MMSA_run("EMT-DLFR", "mosi", config_file=config, seeds=[1], gpu_ids=gpu_ids, num_workers=0,
-                 verbose_level=0, model_save_dir=out / mode / attempt / "models",
-                 res_save_dir=out / mode / attempt / "results", log_dir=out / mode / attempt / "logs")
-        seconds.append(time.perf_counter() - start)
-    return seconds[-1]
+        with phase_timers(device) as spent:
+            start = time.perf_counter()
+            MMSA_run("EMT-DLFR", "mosi", config_file=config, seeds=[1], gpu_ids=gpu_ids, num_workers=0,
+                     verbose_level=0, model_save_dir=out / mode / attempt / "models",
+                     res_save_dir=out / mode / attempt / "results", log_dir=out / mode / attempt / "logs")
+            total = time.perf_counter() - start
+    return {"total": total, **{p: spent[p] for p in PHASES[:-1]}, "other": total - sum(spent.values())}
 
 
 def main() -> None:
@@ -59,7 +123,7 @@ def main() -> None:
     device = resolve_device(args.device)
     out = Path(args.out) / device
     if args.worker:
-        print(json.dumps({"seconds": worker(args.worker[0], device, out, args.worker[1])}))
+        print(json.dumps(worker(args.worker[0], device, out, args.worker[1])))
         return
 
     scale = args.scale or (0.03 if args.quick else 0.1)
@@ -77,10 +141,21 @@ def main() -> None:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode:
             sys.exit(f"{mode} failed:\n{result.stderr[-3000:]}")
-        seconds[mode] = json.loads(result.stdout.strip().splitlines()[-1])["seconds"]
-        print(f"{mode:8s}: {seconds[mode]:7.1f} s per MMSA_run ({n_train / seconds[mode]:.2f} training samples/s "
-              "counting everything)", flush=True)
-    print(f"fast/baseline: x{seconds['baseline'] / seconds['fast']:.2f} end to end")
+        seconds[mode] = json.loads(result.stdout.strip().splitlines()[-1])
+        total = seconds[mode]["total"]
+        print(f"{mode:8s}: {total:7.1f} s per MMSA_run ({n_train / total:.2f} training samples/s counting "
+              "everything)", flush=True)
+    base, fast = seconds["baseline"], seconds["fast"]
+    print(f"fast/baseline: x{base['total'] / fast['total']:.2f} end to end, "
+          f"x{base['train epoch'] / fast['train epoch']:.2f} for the training epoch inside it")
+    print(f"\n{'phase':14s} {'baseline s':>10s} {'fast s':>8s} {'ratio':>6s}")
+    for phase in ("total", *PHASES):
+        ratio = f"x{base[phase] / fast[phase]:.2f}" if fast[phase] > 0.05 else ""
+        print(f"{phase:14s} {base[phase]:10.2f} {fast[phase]:8.2f} {ratio:>6s}")
+    path = out / "phases.json"
+    path.write_text(json.dumps({"device": device, "training_samples": n_train, "scale": scale,
+                                "audio_vision_frames": [375 // cut, 500 // cut], "seconds": seconds}, indent=2))
+    print(f"saved {path}")
 
 
 if __name__ == "__main__":
