@@ -10,12 +10,12 @@
 #    fast-noaddmmlt (DISABLE_ADDMM_CUDA_LT=1). The other variants (fast-bert32, fast-nocheckpoint,
 #    fast-stack-batch, fast-nostack) were measured on an H200 on 2026-11-27 (benchmarks/results/h200-2026-11-27);
 #    add them to the list to measure them again.
-# 3. bench_train.py, MOSI shape: fast-compile (BERT and the fusion through torch.compile/Inductor, no graph break
+# 3. bench_mmsa_run.py at MOSI's full split sizes (1,284 training samples): one end-to-end MMSA_run epoch,
+#    baseline against fast, and its phases (the training epoch's own ratio among them). At a quarter of them
+#    (H100, older code) the fixed costs, the same in both modes (building the model, reading the data, writing and
+#    reloading the 440 MB checkpoint, MMSA's 1 s pause, the test), hid most of the gain: x1.63.
+# 4. bench_train.py, MOSI shape: fast-compile (BERT and the fusion through torch.compile/Inductor, no graph break
 #    since 2026-11-27's fifth session; the warm-up compiles the training and the evaluation graphs: minutes).
-# 4. bench_mmsa_run.py at MOSI's full split sizes (1,284 training samples): one end-to-end MMSA_run epoch,
-#    baseline against fast. At a quarter of them (H100, older code) the fixed costs, the same in both modes
-#    (building the model, reading the data, writing and reloading the 440 MB checkpoint, the test), hid most of
-#    the gain: x1.63.
 # 5. bench_graphs.py: the shipped step eager against its forward+backward replayed as a CUDA graph (an experiment:
 #    how much of the step is host overhead).
 # 6. fast again under the profiler (GPU busy share, top kernels).
@@ -39,9 +39,9 @@ python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
 step check_cuda 70 python benchmarks/check_cuda.py
 step mosi 150 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-castonce fast-noaddmmlt --repeats 5 \
     --timeout 50 --out "$out/mosi.json"
+step mmsa_run 110 python benchmarks/bench_mmsa_run.py --scale 1.0 --out "$out/mmsa_run"
 step compile 240 python benchmarks/bench_train.py --shapes mosi --modes fast-compile --steps 4 --repeats 2 \
     --timeout 235 --out "$out/mosi_compile.json"
-step mmsa_run 110 python benchmarks/bench_mmsa_run.py --scale 1.0 --out "$out/mmsa_run"
 step graphs 90 python benchmarks/bench_graphs.py --out "$out/graphs.json"
 step mosi_profile 50 python benchmarks/bench_train.py --shapes mosi --modes fast --steps 4 --repeats 1 --profile \
     --timeout 45 --out "$out/profile/mosi_profile.json"
