@@ -276,7 +276,8 @@ def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: It
         logger: logging.Logger | None = None, speed: SpeedConfig | None = None,
         on_epoch_end: Callable[[int, dict[str, float], dict[str, float]], None] | None = None) -> FitResult:
     """Trains until ``key_metric`` on the validation set has not improved for ``early_stop`` epochs (or
-    ``max_epochs``); the best weights are saved to ``save_path`` and loaded back into ``model`` at the end."""
+    ``max_epochs``); the best weights are saved to ``save_path`` and loaded back into ``model`` at the end
+    (unless the last epoch was the best: ``model`` holds them already)."""
     log = logger or logging.getLogger(__name__)
     speed = speed or SpeedConfig()
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=speed.precision == "fp16")
@@ -307,6 +308,7 @@ def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: It
         if epoch - best_epoch >= early_stop:
             log.info(f"early stop: valid {key_metric} has not improved for {early_stop} epochs")
             break
-    state = torch.load(save_path, map_location="cpu")
-    model.load_state_dict({k[len(checkpoint_prefix):]: v for k, v in state.items()})
+    if best_epoch != epoch:
+        state = torch.load(save_path, map_location="cpu")
+        model.load_state_dict({k[len(checkpoint_prefix):]: v for k, v in state.items()})
     return FitResult(best_epoch=best_epoch, best_value=best_value, epochs=epoch, history=history)

@@ -79,6 +79,29 @@ def test_fit_stops_early_saves_the_best_and_loads_it_back(tiny_config, tmp_path)
     assert result.best_value == min(losses)
 
 
+@pytest.mark.parametrize("scores, reloads", [([3.0, 2.0, 1.0], 0), ([1.0, 2.0, 3.0], 1)])
+def test_fit_reloads_the_best_weights_only_when_they_are_not_the_last(tiny_config, tmp_path, monkeypatch, scores,
+                                                                       reloads):
+    """Validation scores (lower is better) that improve every epoch leave the last weights, already the best, in
+    place; otherwise the first epoch's weights come back from the checkpoint."""
+    import mmsa_emt.trainer as trainer
+
+    torch.manual_seed(0)
+    model = EMTDLFR(tiny_config())
+    calls, valid_scores = [], iter(scores)
+    metric = lambda p, y: {"Score": next(valid_scores)} if len(p) == 5 else {}  # noqa: E731  (valid: 5 samples)
+    load = torch.load
+    monkeypatch.setattr(trainer.torch, "load", lambda *a, **k: calls.append(1) or load(*a, **k))
+    path = tmp_path / "best.pth"
+    result = fit(model, [random_batch(4, seed=i) for i in range(2)], [random_batch(5, seed=10)],
+                 optimizer=build_optimizer(model, OptimConfig()), weights=LossWeights(), metric_fn=metric,
+                 key_metric="Score", early_stop=len(scores), max_epochs=len(scores), save_path=path, progress=False)
+    assert len(calls) == reloads and result.epochs == len(scores)
+    assert result.best_epoch == (len(scores) if reloads == 0 else 1)
+    saved = torch.load(path)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+
 def test_unknown_key_metric_lists_the_choices(tiny_config, tmp_path):
     model = EMTDLFR(tiny_config())
     with pytest.raises(KeyError, match="KeyEval='Acc'.*Loss"):
