@@ -8,7 +8,7 @@ What a user runs: ``MMSA_run('EMT-DLFR', 'mosi', config_file=..., seeds=[1])`` w
 building, the training epoch, validation, reloading the best weights and the test. Baseline mode switches the
 config to the authors' way of computing (``fused_attention``, ``fused_views``, ``trim_padding`` off, ``precision:
 fp32``, ``stack_modalities`` and ``numpy_dropout`` off); fast mode is the shipped config (``precision: auto``:
-bf16 on CUDA). The data have MOSI's sequence lengths (``--quick``: a quarter of them, and fewer samples) and
+bf16 where the device multiplies it natively). The data have MOSI's sequence lengths (``--quick``: a quarter of them, and fewer samples) and
 ``--scale`` of its split sizes. Each mode runs once in its own process after an untimed run of the same mode
 (caches, CUDA start); printed: wall seconds per run, the training samples per second this implies, and the ratio,
 then where the time went in each mode (timers around the package's functions, CUDA synchronised where they end):

@@ -11,8 +11,9 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
 * ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over
   the padded batch (``packed_lstm: false``), each batch cut to its longest sequences, no per-step host sync, fused
   Adam, the activations of the fusion's feed-forward blocks recomputed in the backward pass instead of kept
-  (``checkpoint_fusion: true``); on CUDA also bf16 autocast (``precision: auto``) and the three modalities joined
-  along time into one fusion call (``stack_modalities: auto``);
+  (``checkpoint_fusion: true``); bf16 autocast where the device multiplies bf16 natively (``precision: auto``:
+  CUDA from Ampere on, x86 CPUs with AMX-BF16); on CUDA also the three modalities joined along time into one
+  fusion call (``stack_modalities: auto``);
 * variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-stack-batch`` /
   ``fast-nostack`` (the modalities joined along time / padded and stacked along the batch / one fusion call each,
   whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT too / nothing),
@@ -91,7 +92,7 @@ MODES = {
 MODE_ENV = {  # environment of a mode's worker process, read by PyTorch at its first use
     "fast-noaddmmlt": {"DISABLE_ADDMM_CUDA_LT": "1"},  # Linear's bias through cuBLAS + a copy, not cuBLASLt
 }
-AUTO = {"precision": ("bf16", "fp32"), "stack_modalities": ("time", None)}  # 'auto': (on CUDA, elsewhere)
+AUTO = {"stack_modalities": ("time", None)}  # 'auto': (on CUDA, elsewhere); precision: mmsa_emt's auto_precision
 
 
 def make_batches(shape: dict, n: int, quick: bool, tokenizer: str):
@@ -203,10 +204,12 @@ def setup(shape_name: str, mode: str, device: str, encoder: str, *, as_device: s
     """The network (mosi's hyper-parameters), optimizer and ``SpeedConfig`` a mode trains with on ``device``;
     its 'auto' switches resolved as on ``as_device`` (default: ``device``)."""
     from mmsa_emt import EMTDLFR, EMTDLFRConfig
-    from mmsa_emt.trainer import OptimConfig, SpeedConfig, build_optimizer
+    from mmsa_emt.trainer import OptimConfig, SpeedConfig, auto_precision, build_optimizer
 
     shape, on_cuda = SHAPES[shape_name], (as_device or device) == "cuda"
-    switches = {k: AUTO[k][not on_cuda] if v == "auto" else v for k, v in MODES[mode].items()}
+    auto = {**{k: on_either[not on_cuda] for k, on_either in AUTO.items()},  # counted as CUDA on a CPU: the H200's
+            "precision": "bf16" if on_cuda and device != "cuda" else auto_precision(device)}
+    switches = {k: auto[k] if v == "auto" else v for k, v in MODES[mode].items()}
     config = EMTDLFRConfig(pretrained=encoder, audio_dim=shape["audio"][1], vision_dim=shape["vision"][1],
                            attn_dropout=attn_dropout, ff_dropout=0.1, post_fusion_dropout=0.3,
                            fused_attention=switches["fused_attention"], fused_views=switches["fused_views"],

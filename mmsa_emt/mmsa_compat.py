@@ -52,7 +52,7 @@ from .missing import incomplete_view_file
 from .model import MODALITIES, EMTDLFRConfig
 from .objective import LossWeights, TwoViewBatch
 from .registry import canonical_name, get_builder, list_models
-from .trainer import OptimConfig, SpeedConfig, build_optimizer, evaluate, fit
+from .trainer import OptimConfig, SpeedConfig, auto_precision, build_optimizer, evaluate, fit
 
 logger = logging.getLogger("MMSA")
 MMSA_UNK_ID = 100  # MMSA's data_missing writes this id for every dropped token
@@ -188,8 +188,11 @@ def _stacking(args: Mapping[str, Any]) -> str | None:
 
 
 def speed_config_from_args(args: Mapping[str, Any]) -> SpeedConfig:
-    """``precision`` (fp32 | bf16 | fp16; 'auto' = bf16 on CUDA, fp32 elsewhere), ``trim_padding``, ``compile``."""
-    precision = str(_auto(args, "precision", default="fp32", on_cuda="bf16", on_cpu="fp32"))
+    """``precision`` (fp32 | bf16 | fp16; 'auto': bf16 where the device multiplies it natively, see
+    ``auto_precision``), ``trim_padding``, ``compile``."""
+    precision = str(args.get("precision", "fp32"))
+    if precision == "auto":
+        precision = auto_precision(args.get("device", "cpu"))
     return SpeedConfig(trim_padding=bool(args.get("trim_padding", True)), precision=precision,
                        compile=bool(args.get("compile", False)))
 
@@ -431,6 +434,8 @@ class EMTDLFRTrainer:
         self.metric_fn = MetricsTop("regression").getMetics(args["dataset_name"])  # ours too, see _get_metics
         self.progress = int(args.get("verbose_level", 1)) > 0
         self.speed = speed_config_from_args(args)
+        how = " ('auto': bf16 where the device multiplies it natively)" if args.get("precision") == "auto" else ""
+        logger.info(f"precision {self.speed.precision} on {self.device}{how}")
 
     def metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return _plain(self.metric_fn(preds, labels))

@@ -46,9 +46,11 @@ def test_emt_dlfr_regression_config_has_the_paper_values(dataset):
 
 
 @pytest.mark.parametrize("device,stacked,precision", [("cpu", None, "fp32"), ("cuda:0", "time", "bf16")])
-def test_shipped_speed_settings_resolve_per_device(device, stacked, precision):
+def test_shipped_speed_settings_resolve_per_device(device, stacked, precision, monkeypatch):
     """Fast mode by default; 'auto' levers follow the run's device (joining the modalities pays on CUDA, costs on
-    a CPU)."""
+    a CPU; bf16 where the device has it natively, here a CPU without and a GPU with it)."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     args = {**load_config("EMT-DLFR", "mosi", REGRESSION), "feature_dims": [768, 5, 20], "device": torch.device(device)}
     config = model_config_from_args(args)
     assert (config.fused_attention, config.fused_views, config.packed_lstm) == (True, True, False)
@@ -90,3 +92,20 @@ def test_every_mmsa_builtin_model_is_in_our_configs(path):
     for model in set(theirs) - {"datasetCommonParams"}:
         for dataset in theirs[model].get("datasetParams", {}):
             load_config(model, dataset, path, tune=path == TUNE)
+
+
+@pytest.mark.parametrize("device,native,precision", [("cpu", True, "bf16"), ("cpu", False, "fp32"),
+                                                     ("cuda", True, "bf16"), ("cuda", False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_hardware_has_it(device, native, precision, monkeypatch):
+    """'auto' is bf16 on CPUs with AMX-BF16 and on GPUs with native bf16 (Ampere on), fp32 on the others (a V100,
+    a laptop CPU), where bf16 would be emulated or slower."""
+    asked = []
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": native, "avx2": True})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or native)
+    args = {**load_config("EMT-DLFR", "mosi", REGRESSION), "device": torch.device(device)}
+    assert args["precision"] == "auto"
+    assert speed_config_from_args(args).precision == precision
+    assert asked == ([False] if device == "cuda" else [])  # emulated bf16 does not count
+    assert speed_config_from_args({**args, "precision": "fp32"}).precision == "fp32"
+
