@@ -3,15 +3,15 @@
     python benchmarks/bench_mmsa_run.py [--quick] [--device auto|cpu|cuda] [--scale 0.1]
                                         [--out saved_results/bench_mmsa_run]
 
-What a user runs: ``MMSA_run('EMT-DLFR', 'mosi', config_file=..., seeds=[1])`` with the repository's mosi config
-(a bert-base-sized encoder with random weights, built locally), one epoch (``max_epochs: 1``): data loading, model
-building, the training epoch, validation, reloading the best weights and the test. Baseline mode switches the
-config to the authors' way of computing (``fused_attention``, ``fused_views``, ``trim_padding`` off, ``precision:
-fp32``, ``stack_modalities`` and ``numpy_dropout`` off); fast mode is the shipped config (``precision: auto``:
-bf16 where the device multiplies it natively). The data have MOSI's sequence lengths (``--quick``: a quarter of them, and fewer samples) and
-``--scale`` of its split sizes. Each mode runs once in its own process after an untimed run of the same mode
-(caches, CUDA start); printed: wall seconds per run, the training samples per second this implies, and the ratio,
-then where the time went in each mode (timers around the package's functions, CUDA synchronised where they end):
+What a user runs: ``MMSA_run('EMT-DLFR', 'mosi', config_file=..., seeds=[1])`` with the repository's mosi config (a
+bert-base-sized encoder with random weights, built locally), one epoch (``max_epochs: 1``): data loading, model
+building, the training epoch, validation, reloading the best weights and the test. Baseline mode switches the config
+to the authors' way of computing (``fused_attention``, ``fused_views``, ``trim_padding`` off, ``precision: fp32``,
+``stack_modalities`` and ``numpy_dropout`` off); fast mode is the shipped config (``precision: auto``: bf16 where
+the device multiplies it natively). The data have MOSI's sequence lengths (``--quick``: a quarter of them, and fewer
+samples) and ``--scale`` of its split sizes. Each mode runs once in its own process after an untimed run of the same
+mode (caches, CUDA start); printed: wall seconds per run, the training samples per second this implies, and the
+ratio, then where the time went in each mode (timers around the package's functions, CUDA synchronised where they end):
 
 * ``data``: reading and checking the feature file, MMSA's datasets and loaders;
 * ``model``: building the network (BERT loaded from disk);
