@@ -1,4 +1,5 @@
-"""The CPU attention with dropout: chunked, recomputed in backward, the same function as PyTorch's attention."""
+"""The CPU attention with dropout: chunked, recomputed in backward (masks kept packed), the same function as
+PyTorch's attention."""
 
 import pytest
 import torch
@@ -47,6 +48,34 @@ def test_dropout_is_explicit_attention_with_the_seeded_mask(small_chunks):
     assert 0 < keep.float().mean() < 1
     ref = ((probs * keep / (1 - p)) @ v.reshape(6, 6, 4)).reshape(2, 3, 5, 4)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_reuses_the_forward_masks(small_chunks, monkeypatch):
+    """The masks are drawn once per chunk in the forward pass and kept packed (1 bit per score), not drawn again
+    in the backward pass (drawing is most of the function's own cost); the gradients are the same as with the
+    masks drawn again."""
+    q, k, v, mask = inputs()
+    out = chunked_dropout_attention(q, k, v, mask, 0.3, seed=7)
+    draws = []
+    monkeypatch.setattr(chunked_attention, "keep_mask", lambda *a: draws.append(a) or keep_mask(*a))
+    grads = torch.autograd.grad(out.sin().sum(), (q, k, v))
+    assert draws == []
+    scores = (q @ k.transpose(-1, -2)) / 2.0
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).reshape(6, 5, 6)
+    keep = torch.cat([keep_mask(7, c, (2, 5, 6), 0.3) for c in range(3)])  # the same masks, drawn again
+    ref = ((probs * keep / 0.7) @ v.reshape(6, 6, 4)).reshape(2, 3, 5, 4)
+    ref_grads = torch.autograd.grad(ref.sin().sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_masks_unpack_to_themselves():
+    import numpy as np
+
+    from mmsa_emt.nn.chunked_attention import unpacked
+
+    keep = keep_mask(1, 0, (3, 7, 5), 0.5)  # 105 scores: not a multiple of 8
+    assert torch.equal(unpacked(np.packbits(keep.numpy()), keep.shape), keep)
 
 
 def test_dropout_rate_and_seeding():
