@@ -23,7 +23,9 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
   concatenation instead of one by one by autocast, ``encoder_cast_once: true``: ~280 fewer operations per step),
   ``fast-noaddmmlt`` (the shipped config with ``DISABLE_ADDMM_CUDA_LT=1`` in the worker's environment: Linear layers
   with a bias through cuBLAS instead of cuBLASLt; on the H200 an ``addmm`` took 146 us of host time against 64 us
-  for an ``mm``).
+  for an ``mm``), ``fast-tcmalloc`` (the shipped config with gperftools' tcmalloc preloaded, Linux only: Debian's
+  and Ubuntu's ``libtcmalloc-minimal4``; glibc's malloc returns every large tensor's memory to the system when it is
+  freed, so the next one page-faults its memory in again).
 
 Both train the same network (a bert-base-sized encoder with random weights built locally: the same compute as the
 real one) on synthetic data of the dataset's shape (``mmsa_emt.synthetic``) with half of every modality missing
@@ -88,9 +90,11 @@ MODES = {
     "fast-bert32": {**FAST, "encoder_autocast": False},
     "fast-castonce": {**FAST, "encoder_cast_once": True},
     "fast-noaddmmlt": FAST,
+    "fast-tcmalloc": FAST,
 }
 MODE_ENV = {  # environment of a mode's worker process, read by PyTorch at its first use
     "fast-noaddmmlt": {"DISABLE_ADDMM_CUDA_LT": "1"},  # Linear's bias through cuBLAS + a copy, not cuBLASLt
+    "fast-tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},  # host memory from tcmalloc, not glibc's malloc
 }
 AUTO = {"stack_modalities": ("time", None)}  # 'auto': (on CUDA, elsewhere); precision: mmsa_emt's auto_precision
 
@@ -229,6 +233,9 @@ def setup(shape_name: str, mode: str, device: str, encoder: str, *, as_device: s
 def worker(shape_name: str, mode: str, device: str, quick: bool, encoder: str, profile_dir: str,
            steps: int | None = None, repeats: int | None = None) -> dict:
     """One (shape, mode) measurement; runs in its own process."""
+    preload = MODE_ENV.get(mode, {}).get("LD_PRELOAD")
+    if preload and preload not in Path("/proc/self/maps").read_text():  # the loader only warns when it cannot
+        raise SystemExit(f"{mode}: {preload} was not preloaded (Debian/Ubuntu: apt install libtcmalloc-minimal4)")
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
