@@ -79,8 +79,9 @@ def auto_precision(device: torch.device | str) -> str:
 
     CUDA: bf16 from Ampere on (``torch.cuda.is_bf16_supported`` without emulation; older cards would emulate it).
     CPU: x86 with AMX-BF16 (Sapphire Rapids and later Xeons); there, at the full MOSI shape, a training step ran
-    1.40x faster and peaked 1.2 GiB lower than in fp32 (benchmarks/results/cpu-2026-11-28). Other CPUs run bf16
-    slower than fp32. Test metrics in bf16 and fp32 agree within seed noise (benchmarks/metrics_report.py).
+    1.40x faster and peaked 1.2 GiB lower than in fp32 (benchmarks/results/cpu-2026-11-28). Other CPUs have no bf16
+    matrix units and convert in software (not measured here, where the CPU has AMX). Test metrics in bf16 and fp32
+    agree within seed noise (benchmarks/metrics_report.py).
     """
     kind = torch.device(device).type
     if kind == "cuda":
@@ -324,6 +325,10 @@ def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: It
         if epoch - best_epoch >= early_stop:
             log.info(f"early stop: valid {key_metric} has not improved for {early_stop} epochs")
             break
+    if best_epoch == 0:  # e.g. a NaN correlation of constant predictions every epoch, or max_epochs=0
+        last = history[-1]["valid"][key_metric] if history else "no epoch run"
+        raise ValueError(f"valid {key_metric} never improved on its start ({last} after {epoch} epochs), so no "
+                         "weights were saved; choose another KeyEval (e.g. 'Loss') or more epochs")
     if best_epoch != epoch:
         state = torch.load(save_path, map_location="cpu")
         model.load_state_dict({k[len(checkpoint_prefix):]: v for k, v in state.items()})

@@ -102,6 +102,17 @@ def test_fit_reloads_the_best_weights_only_when_they_are_not_the_last(tiny_confi
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_key_metric_that_is_never_a_number_is_a_clear_error(tiny_config, tmp_path):
+    """A NaN validation score every epoch (e.g. the correlation of constant predictions) saves nothing: the error
+    says so and names the metric, instead of failing to find the checkpoint."""
+    model = EMTDLFR(tiny_config())
+    with pytest.raises(ValueError, match=r"valid Corr never improved.*nan after 2 epochs.*KeyEval"):
+        fit(model, [random_batch(3)], [random_batch(3, seed=1)], optimizer=build_optimizer(model, OptimConfig()),
+            weights=LossWeights(), metric_fn=lambda p, y: {"Corr": float("nan")}, key_metric="Corr",
+            minimize=False, early_stop=2, max_epochs=5, save_path=tmp_path / "x.pth", progress=False)
+    assert not (tmp_path / "x.pth").exists()
+
+
 def test_unknown_key_metric_lists_the_choices(tiny_config, tmp_path):
     model = EMTDLFR(tiny_config())
     with pytest.raises(KeyError, match="KeyEval='Acc'.*Loss"):
