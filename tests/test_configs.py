@@ -108,4 +108,3 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(device, native, p
     assert speed_config_from_args(args).precision == precision
     assert asked == ([False] if device == "cuda" else [])  # emulated bf16 does not count
     assert speed_config_from_args({**args, "precision": "fp32"}).precision == "fp32"
-

@@ -205,4 +205,3 @@ def test_test_loaders_at_several_rates_share_one_read(workspace, monkeypatch):
             a, b = (a["M"], b["M"]) if name == "labels" else (a, b)
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{rates['missing_rate']}/{name}")
     assert not np.array_equal(shared[0].audio_m, shared[1].audio_m)  # the rates did make different views
-
