@@ -39,9 +39,9 @@ python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
 step check_cuda 70 python benchmarks/check_cuda.py
 step mosi 150 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-castonce fast-noaddmmlt --repeats 5 \
     --timeout 50 --out "$out/mosi.json"
-step mmsa_run 110 python benchmarks/bench_mmsa_run.py --scale 1.0 --out "$out/mmsa_run"
-step compile 240 python benchmarks/bench_train.py --shapes mosi --modes fast-compile --steps 4 --repeats 2 \
-    --timeout 235 --out "$out/mosi_compile.json"
+step mmsa_run 130 python benchmarks/bench_mmsa_run.py --scale 1.0 --out "$out/mmsa_run"
+step compile 220 python benchmarks/bench_train.py --shapes mosi --modes fast-compile --steps 4 --repeats 2 \
+    --timeout 215 --out "$out/mosi_compile.json"
 step graphs 90 python benchmarks/bench_graphs.py --out "$out/graphs.json"
 step mosi_profile 50 python benchmarks/bench_train.py --shapes mosi --modes fast --steps 4 --repeats 1 --profile \
     --timeout 45 --out "$out/profile/mosi_profile.json"
