@@ -83,11 +83,16 @@ def auto_precision(device: torch.device | str) -> str:
     matrix units and convert in software (not measured here, where the CPU has AMX). Test metrics in bf16 and fp32
     agree within seed noise (benchmarks/metrics_report.py).
     """
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
-    if kind == "cpu":
-        return "bf16" if torch.cpu.get_capabilities().get("amx_bf16", False) else "fp32"
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 cannot leave emulation out: NVIDIA's bf16 units came with Ampere (sm_80)
+            native = torch.cuda.get_device_capability(device)[0] >= 8
+        return "bf16" if native else "fp32"
+    if device.type == "cpu":
+        capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch: fp32 there
+        return "bf16" if capabilities is not None and capabilities().get("amx_bf16", False) else "fp32"
     return "fp32"
 
 

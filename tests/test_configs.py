@@ -108,3 +108,20 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(device, native, p
     assert speed_config_from_args(args).precision == precision
     assert asked == ([False] if device == "cuda" else [])  # emulated bf16 does not count
     assert speed_config_from_args({**args, "precision": "fp32"}).precision == "fp32"
+
+
+def test_auto_precision_on_older_torch(monkeypatch):
+    """Without ``including_emulation`` (torch < 2.4) the card's compute capability decides (bf16 units from Ampere,
+    sm_80, on); without ``torch.cpu.get_capabilities`` a CPU keeps fp32."""
+    from mmsa_emt.trainer import auto_precision
+
+    def old_is_bf16_supported():  # no keyword: calling it with including_emulation raises TypeError
+        return True
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", old_is_bf16_supported)
+    for capability, precision in (((7, 0), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert auto_precision("cuda") == precision
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    assert auto_precision("cpu") == "fp32"
+
