@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .nn.dropout import Dropout
 from .nn.emt import EMT
-from .nn.encoders import BertTextEncoder, SequenceEncoder
+from .nn.encoders import BertTextEncoder, SequenceEncoder, length_mask
 from .nn.transfer import to_device
 from .objective import DualLevelRestoration
 from .registry import register_model
@@ -89,11 +89,6 @@ class ViewOutput:
         return ViewOutput(pred=self.pred[rows], utterance={k: v[rows] for k, v in self.utterance.items()},
                           context=self.context[rows], local={k: v[rows] for k, v in self.local.items()},
                           text_tokens=None if self.text_tokens is None else self.text_tokens[rows])
-
-
-def length_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """(b,) lengths -> (b, max_len) bool mask, True at valid steps."""
-    return torch.arange(max_len, device=lengths.device)[None] < lengths[:, None]
 
 
 class EMTDLFR(nn.Module):

@@ -162,6 +162,11 @@ def load_pretrained_encoder(pretrained: str) -> nn.Module:
         ) from error
 
 
+def length_mask(lengths: Tensor, max_len: int) -> Tensor:
+    """(b,) lengths -> (b, max_len) bool mask, True at valid steps."""
+    return torch.arange(max_len, device=lengths.device)[None] < lengths[:, None]
+
+
 class SequenceEncoder(nn.Module):
     """Unidirectional LSTM over the true lengths, then one Linear to ``out_dim``.
 
@@ -207,6 +212,6 @@ class SequenceEncoder(nn.Module):
             local, _ = self.rnn(x[:, :steps])  # (b, max(lengths), e)
             lengths = to_device(lengths, x.device) if on_device is None else on_device  # no host sync
             last = local[torch.arange(len(local), device=x.device), lengths - 1]  # (b, e)
-            valid = torch.arange(steps, device=x.device)[None] < lengths[:, None]  # (b, max(lengths))
+            valid = length_mask(lengths, steps)  # (b, max(lengths))
             local = local * valid[..., None].to(local.dtype)
         return local, last
