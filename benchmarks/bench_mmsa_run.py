@@ -40,7 +40,7 @@ from workspace import bert_base, resolve_device, write_workspace
 
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "trim_padding": False, "precision": "fp32",
-                 "stack_modalities": False, "numpy_dropout": False},
+                 "stack_modalities": False, "numpy_dropout": False, "encoder_fused_qkv": False},
     "fast": {"precision": "auto"},
 }
 

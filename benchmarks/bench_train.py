@@ -7,13 +7,13 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
 
 * ``baseline`` computes the way the authors' code does: fp32, explicit attention score matrices, the complete and
   incomplete views in two encoder passes, LSTMs over packed sequences, full padding, per-tensor Adam, torch's
-  dropout masks, the loss read back to the host every step;
-* ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over
-  the padded batch (``packed_lstm: false``), each batch cut to its longest sequences, no per-step host sync, fused
-  Adam, the activations of the fusion's feed-forward blocks recomputed in the backward pass instead of kept
-  (``checkpoint_fusion: true``); bf16 autocast where the device multiplies bf16 natively (``precision: auto``:
-  CUDA from Ampere on, x86 CPUs with AMX-BF16); on CUDA also the three modalities joined along time into one
-  fusion call (``stack_modalities: auto``);
+  dropout masks, BERT through transformers' forward, the loss read back to the host every step;
+* ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over the
+  padded batch (``packed_lstm: false``), BERT's layers with one query/key/value matmul (``nn.fused_bert``), each
+  batch cut to its longest sequences, no per-step host sync, fused Adam, the activations of the fusion's
+  feed-forward blocks recomputed in the backward pass instead of kept (``checkpoint_fusion: true``); bf16 autocast
+  where the device multiplies bf16 natively (``precision: auto``: CUDA from Ampere on, x86 CPUs with AMX-BF16); on
+  CUDA also the three modalities joined along time into one fusion call (``stack_modalities: auto``);
 * variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-stack-batch`` /
   ``fast-nostack`` (the modalities joined along time / padded and stacked along the batch / one fusion call each,
   whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT too / nothing),
@@ -21,6 +21,8 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
   (``torch.compile`` of the text encoder and the fusion), ``fast-bert32`` (BERT kept in float32 under autocast,
   TF32 matmuls on CUDA: no per-step weight casts), ``fast-castonce`` (BERT's Linear weights cast in one
   concatenation instead of one by one by autocast, ``encoder_cast_once: true``: ~280 fewer operations per step),
+  ``fast-unfusedqkv`` (BERT's layers through transformers' forward, three query/key/value matmuls, as shipped
+  until 2026-11-28; ``encoder_fused_qkv: false``),
   ``fast-noaddmmlt`` (the shipped config with ``DISABLE_ADDMM_CUDA_LT=1`` in the worker's environment: Linear layers
   with a bias through cuBLAS instead of cuBLASLt; on the H200 an ``addmm`` took 146 us of host time against 64 us
   for an ``mm``), ``fast-tcmalloc`` (the shipped config with gperftools' tcmalloc preloaded, Linux only: Debian's
@@ -71,12 +73,12 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto", "packed_lstm": False,
         "checkpoint_encoder": False, "checkpoint_fusion": True, "trim_padding": True, "precision": "auto",
         "sync_every_step": False, "fused_adam": None, "compile": False, "encoder_autocast": True,
-        "encoder_cast_once": False, "numpy_dropout": True}
+        "encoder_cast_once": False, "encoder_fused_qkv": True, "numpy_dropout": True}
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": None, "packed_lstm": True,
                  "checkpoint_encoder": False, "checkpoint_fusion": False, "trim_padding": False, "precision": "fp32",
                  "sync_every_step": True, "fused_adam": False, "compile": False, "encoder_autocast": True,
-                 "encoder_cast_once": False, "numpy_dropout": False},
+                 "encoder_cast_once": False, "encoder_fused_qkv": False, "numpy_dropout": False},
     "fast": FAST,
     "fast-fp32": {**FAST, "precision": "fp32"},
     "fast-stack": {**FAST, "stack_modalities": "time"},
@@ -89,6 +91,7 @@ MODES = {
     "fast-bf16": {**FAST, "precision": "bf16"},
     "fast-bert32": {**FAST, "encoder_autocast": False},
     "fast-castonce": {**FAST, "encoder_cast_once": True},
+    "fast-unfusedqkv": {**FAST, "encoder_fused_qkv": False},
     "fast-noaddmmlt": FAST,
     "fast-tcmalloc": FAST,
 }
@@ -221,7 +224,8 @@ def setup(shape_name: str, mode: str, device: str, encoder: str, *, as_device: s
                            checkpoint_encoder=switches["checkpoint_encoder"],
                            checkpoint_fusion=switches["checkpoint_fusion"],
                            encoder_autocast=switches["encoder_autocast"],
-                           encoder_cast_once=switches["encoder_cast_once"], numpy_dropout=switches["numpy_dropout"])
+                           encoder_cast_once=switches["encoder_cast_once"],
+                           encoder_fused_qkv=switches["encoder_fused_qkv"], numpy_dropout=switches["numpy_dropout"])
     torch.manual_seed(0)
     model = EMTDLFR(config).to(device)
     optimizer = build_optimizer(model, OptimConfig(), fused=switches["fused_adam"])

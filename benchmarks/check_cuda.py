@@ -7,8 +7,10 @@ dropout off and BatchNorm in training mode, each comparison runs the same weight
 relative difference of every loss term (largest) and of all gradients together (||g - g_ref|| / ||g_ref||, and the
 largest per-tensor value):
 
-* fast fp32 (fused attention kernels, both views in one pass, trimmed padding, padded LSTMs) against baseline fp32
-  (explicit score matrices, two passes, full padding, packed LSTMs), TF32 off: the issue's bar is 1e-5;
+* fast fp32 (fused attention kernels, both views in one pass, trimmed padding, padded LSTMs, BERT's layers with
+  one query/key/value matmul) against baseline fp32 (explicit score matrices, two passes, full padding, packed
+  LSTMs, transformers' BERT forward), TF32 off: the issue's bar is 1e-5;
+* fast fp32 with BERT's layers through transformers (``encoder_fused_qkv: false``) against fast, the same bar;
 * fast fp32 with the modalities joined along time and stacked along the batch (``stack_modalities``) against the
   per-modality loop;
 * the same model on CUDA against the CPU (fp32);
@@ -76,11 +78,14 @@ def main() -> None:
         encoder = bert_base(Path(folder) / "bert-base")
         batch = make_batches(SHAPES["mosi"], 1, True, encoder)[0]
         fp32, bf16 = SpeedConfig(trim_padding=True), SpeedConfig(trim_padding=True, precision="bf16")
-        baseline = build(encoder, device, fused_attention=False, fused_views=False, packed_lstm=True)
+        baseline = build(encoder, device, fused_attention=False, fused_views=False, packed_lstm=True,
+                         encoder_fused_qkv=False)
         state = {k: v.detach().clone() for k, v in baseline.state_dict().items()}
         ref = run(baseline, batch, device, SpeedConfig(trim_padding=False))
         fast = run(build(encoder, device, state), batch, device, fp32)
         ok = compare("fast fp32 vs baseline fp32", ref, fast, 1e-5)
+        unfused = run(build(encoder, device, state, encoder_fused_qkv=False), batch, device, fp32)
+        ok &= compare("BERT: fused q/k/v vs transformers' layers (fp32)", unfused, fast, 1e-5)
         for stacking in ("time", "batch"):
             stacked = run(build(encoder, device, state, stack_modalities=stacking), batch, device, fp32)
             ok &= compare(f"modalities stacked ({stacking}) vs per-modality loop (fp32)", fast, stacked, 1e-5)

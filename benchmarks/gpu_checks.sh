@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU measurements of the speed work, in priority order, each capped in time. The caps add up to 14.3
+# The GPU measurements of the speed work, in priority order, each capped in time. The caps add up to 14.8
 # minutes: on a borrowed card's 10-minute slot run it under `timeout 570`, which cuts the last steps.
 #
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
 #
 # 1. check_cuda.py: losses and gradients of the fast modes (both stackings, bf16) against the baseline on the GPU.
 # 2. bench_train.py, MOSI shape, 5 timed passes each: baseline, fast (shipped: modalities joined along time, fusion
-#    feed-forward recomputed, bf16), fast-castonce (BERT's Linear weights cast in one concatenation),
+#    feed-forward recomputed, BERT's layers with one query/key/value matmul, bf16), fast-unfusedqkv (BERT through
+#    transformers' layers, as shipped before), fast-castonce (BERT's Linear weights cast in one concatenation),
 #    fast-noaddmmlt (DISABLE_ADDMM_CUDA_LT=1). The other variants (fast-bert32, fast-nocheckpoint,
 #    fast-stack-batch, fast-nostack) were measured on an H200 on 2026-11-27 (benchmarks/results/h200-2026-11-27);
 #    add them to the list to measure them again.
@@ -37,8 +38,8 @@ step() {  # step NAME SECONDS COMMAND...
 }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/card.txt"
 step check_cuda 70 python benchmarks/check_cuda.py
-step mosi 150 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-castonce fast-noaddmmlt --repeats 5 \
-    --timeout 50 --out "$out/mosi.json"
+step mosi 180 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-unfusedqkv fast-castonce \
+    fast-noaddmmlt --repeats 5 --timeout 45 --out "$out/mosi.json"
 step mmsa_run 130 python benchmarks/bench_mmsa_run.py --scale 1.0 --out "$out/mmsa_run"
 step compile 220 python benchmarks/bench_train.py --shapes mosi --modes fast-compile --steps 4 --repeats 2 \
     --timeout 215 --out "$out/mosi_compile.json"

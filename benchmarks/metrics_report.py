@@ -40,10 +40,10 @@ VARIANTS = {
     "bf16": {"precision": "bf16"},
     "baseline": {"fused_attention": False, "fused_views": False, "packed_lstm": True, "trim_padding": False,
                  "stack_modalities": False, "checkpoint_fusion": False, "checkpoint_encoder": False,
-                 "precision": "fp32", "numpy_dropout": False},
+                 "precision": "fp32", "numpy_dropout": False, "encoder_fused_qkv": False},
     "shipped": {},
     "authors-kernels": {"fused_attention": False, "packed_lstm": True, "checkpoint_fusion": False,
-                        "numpy_dropout": False},
+                        "numpy_dropout": False, "encoder_fused_qkv": False},
 }
 SMALL_MODEL = {"d_model": 32, "a_lstm_hidden_size": 16, "v_lstm_hidden_size": 16, "post_fusion_dim": 32,
                "fusion_layers": 2, "batch_size": 16, "learning_rate_other": 2e-3, "learning_rate_bert": 1e-4}

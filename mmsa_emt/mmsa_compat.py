@@ -154,6 +154,7 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         checkpoint_fusion=bool(_auto(args, "checkpoint_fusion", default=False, on_cuda=True, on_cpu=True)),
         encoder_autocast=bool(args.get("encoder_autocast", True)),
         encoder_cast_once=bool(args.get("encoder_cast_once", False)),
+        encoder_fused_qkv=bool(args.get("encoder_fused_qkv", True)),
         numpy_dropout=bool(args.get("numpy_dropout", True)),
         modalities=tuple(args.get("modalities") or MODALITIES),
     )

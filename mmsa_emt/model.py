@@ -70,6 +70,7 @@ class EMTDLFRConfig:
     checkpoint_fusion: bool = False  # recompute the EMT's feed-forward blocks in backward (nn.emt.HalfMPU)
     encoder_autocast: bool = True  # False: BERT stays float32 under autocast (nn.encoders.BertTextEncoder)
     encoder_cast_once: bool = False  # under autocast, BERT's Linear weights cast in one go (same numbers)
+    encoder_fused_qkv: bool = True  # BERT's layers with one query/key/value matmul (nn.fused_bert; same numbers)
     numpy_dropout: bool = True  # CPU dropout masks from numpy's generator (nn.dropout); False: torch's, as the authors
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
@@ -107,7 +108,8 @@ class EMTDLFR(nn.Module):
         self.modalities = tuple(m for m in MODALITIES if m in c.modalities)
         if "text" in self.modalities:
             self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert, checkpoint=c.checkpoint_encoder,
-                                                autocast=c.encoder_autocast, cast_once=c.encoder_cast_once)
+                                                autocast=c.encoder_autocast, cast_once=c.encoder_cast_once,
+                                                fused_qkv=c.encoder_fused_qkv)
         if "audio" in self.modalities:
             self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
                                                  num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout,

@@ -118,8 +118,8 @@ def test_encoder_can_stay_float32_under_autocast(tiny_config, encoder_autocast):
     model.text_encoder.eval()  # no dropout: the float32 output is reproducible
     text = random_batch(3).text
     linear_dtypes = set()
-    first_linear = next(m for m in model.text_encoder.modules() if isinstance(m, torch.nn.Linear))
-    first_linear.register_forward_hook(lambda _m, _a, out: linear_dtypes.add(out.dtype))
+    dense = model.text_encoder.bert.encoder.layer[0].attention.output.dense  # a Linear both BERT paths call
+    dense.register_forward_hook(lambda _m, _a, out: linear_dtypes.add(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = model.text_encoder(text)
     assert linear_dtypes == {torch.bfloat16 if encoder_autocast else torch.float32}
@@ -282,8 +282,9 @@ def test_encoder_checkpointing_recomputes_and_changes_nothing(tiny_config):
 
 def test_casting_bert_weights_once_gives_autocasts_values_and_gradients(tiny_config):
     """``encoder_cast_once``: under bf16 autocast, BERT's Linear weights cast in one concatenation give exactly
-    the output and every gradient of autocast's per-weight casts (same seed, dropout on), in far fewer operations;
-    with checkpoint_encoder it is off (a recomputed layer would see the float32 weights)."""
+    the output and every gradient of autocast's per-weight casts (same seed, dropout on), in far fewer operations
+    (counted with transformers' forward; with fused_qkv, in the test below); with checkpoint_encoder it is off (a
+    recomputed layer would see the float32 weights)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -296,7 +297,7 @@ def test_casting_bert_weights_once_gives_autocasts_values_and_gradients(tiny_con
     text, results = random_batch(3).text, []
     for cast_once in (False, True):
         torch.manual_seed(0)
-        model = EMTDLFR(tiny_config(encoder_cast_once=cast_once)).train()
+        model = EMTDLFR(tiny_config(encoder_cast_once=cast_once, encoder_fused_qkv=False)).train()
         Count.n = 0
         with Count(), torch.autocast("cpu", dtype=torch.bfloat16):
             tokens = model.text_encoder(text)
@@ -384,10 +385,79 @@ def test_bert_gets_a_ready_made_mask_without_the_host_sync(tiny_config, monkeypa
     outputs = []
     for ready_made in (False, True):
         torch.manual_seed(0)
-        encoder = EMTDLFR(tiny_config()).text_encoder.train()
+        encoder = EMTDLFR(tiny_config(encoder_fused_qkv=False)).text_encoder.train()  # transformers' forward
         if not ready_made:
             monkeypatch.setattr(encoder, "attention_mask", lambda mask, dtype: mask)
         asked.clear()
         outputs.append(encoder(text))
         assert asked == ([] if ready_made else [True])
     assert torch.equal(outputs[1], outputs[0])
+
+
+def encoder_run(encoder, text: torch.Tensor, seed: int, autocast: bool = False):
+    """Output, every gradient (loss: sum of squares) and the non-view operation count of one training pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(seed)
+    encoder.zero_grad(set_to_none=True)
+    with Count(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        tokens = encoder(text)
+        tokens.float().square().sum().backward()
+    return tokens, {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}, Count.n
+
+
+@pytest.mark.parametrize("case", ["fp64", "fp32", "bf16", "bf16-cast-once", "eval"])
+def test_fused_qkv_bert_computes_what_transformers_bert_computes(tiny_bert, tiny_config, case):
+    """``encoder_fused_qkv``: BERT's layers with one query/key/value matmul give transformers' output and every
+    gradient, dropout on and the same seed (the same masks: same dropout modules, same order), in fewer
+    operations; in float64 to 1e-12, in float32 to 1e-5, under bf16 autocast to bf16's rounding."""
+    from mmsa_emt.nn.encoders import BertTextEncoder
+
+    batch = random_batch(4, text_len=12)
+    assert (batch.text[:, 1] == 0).any()  # padded tokens, masked
+    text = torch.cat([batch.text, batch.text_m])  # both views, as the model stacks them
+    runs = []
+    for fused in (False, True):
+        encoder = BertTextEncoder(str(tiny_bert), cast_once=case == "bf16-cast-once", fused_qkv=fused)
+        encoder.train(case != "eval")
+        if case == "fp64":
+            encoder.double()
+        runs.append(encoder_run(encoder, text, seed=3, autocast=case.startswith("bf16")))
+    (tokens, grads, ops), (fused_tokens, fused_grads, fused_ops) = runs
+    assert fused_tokens.dtype == tokens.dtype and fused_tokens.shape == tokens.shape
+    tolerance = {"fp64": 1e-12, "fp32": 1e-5, "eval": 1e-5}.get(case, 2e-2)
+    torch.testing.assert_close(fused_tokens, tokens, rtol=tolerance, atol=tolerance)
+    assert fused_grads.keys() == grads.keys() and len(grads) > 10  # every parameter but the frozen pooler's
+    assert not any(name.startswith("bert.pooler") for name in grads)
+    for name, grad in grads.items():
+        scale = grad.abs().max().item()
+        assert fused_grads[name].dtype == grad.dtype
+        assert (fused_grads[name] - grad).abs().max() <= tolerance * max(scale, 1.0), name
+    layers = encoder.bert.config.num_hidden_layers
+    assert ops - fused_ops >= (10 if case.startswith("bf16") else 4) * layers  # matmuls, sums and casts saved
+
+
+def test_fused_qkv_falls_back_where_it_cannot_run(tiny_bert, tiny_config, caplog):
+    """With checkpoint_encoder (transformers recomputes its own layers) or a BERT it does not cover (here one with
+    chunked feed-forward blocks) the encoder keeps transformers' forward, and says so."""
+    import logging
+
+    from mmsa_emt.nn.encoders import BertTextEncoder
+    from mmsa_emt.nn.fused_bert import unsupported
+
+    with caplog.at_level(logging.INFO, logger="mmsa_emt.nn.encoders"):
+        assert not BertTextEncoder(str(tiny_bert), checkpoint=True, fused_qkv=True).fused_qkv
+    assert "checkpoint_encoder" in caplog.text
+    encoder = BertTextEncoder(str(tiny_bert), fused_qkv=True)
+    assert encoder.fused_qkv and unsupported(encoder.bert) is None
+    encoder.bert.config.chunk_size_feed_forward = 4
+    assert "chunk_size_feed_forward" in unsupported(encoder.bert)
+    assert "is not a BertModel" in unsupported(torch.nn.Linear(2, 2))
+    assert EMTDLFR(tiny_config()).text_encoder.fused_qkv  # on by default

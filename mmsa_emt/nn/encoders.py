@@ -5,6 +5,7 @@ Shape legend: b batch, l text tokens, t frames, f input features, e hidden width
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -17,9 +18,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoConfig, AutoModel
 
 from .dropout import Dropout, replace_dropouts
+from .fused_bert import fused_forward, unsupported
 from .sdpa import fused_backends
 from .transfer import to_device
 
+logger = logging.getLogger(__name__)
 READY_MADE_MASKS = int(transformers.__version__.split(".")[0]) >= 5  # 4-D masks are passed through as they are
 
 
@@ -42,14 +45,21 @@ class BertTextEncoder(nn.Module):
     cast together, in one concatenated tensor, and BERT runs on slices of it (``cast_linear_weights``): the same
     values and gradients as autocast's casts, in a few kernels instead of ~290 per training step. Off by default
     until it is timed on a GPU (``benchmarks/bench_train.py --modes fast fast-castonce``).
+    ``fused_qkv=True`` (without ``checkpoint``): a BertModel's layers run through ``nn.fused_bert``, one matmul for
+    queries, keys and values and no pooler: the same outputs and gradients, ~240 fewer operations per training
+    step for bert-base. Other encoders (``fused_bert.unsupported``) keep transformers' forward.
     """
 
     def __init__(self, pretrained: str, *, finetune: bool = True, checkpoint: bool = False,
-                 autocast: bool = True, cast_once: bool = False) -> None:
+                 autocast: bool = True, cast_once: bool = False, fused_qkv: bool = False) -> None:
         super().__init__()
         self.bert = load_pretrained_encoder(pretrained)
         self.finetune, self.autocast, self.checkpoint = finetune, autocast, checkpoint
         self.cast_once = cast_once and not checkpoint  # a recomputed layer would run on the float32 weights
+        why_not = "checkpoint_encoder recomputes transformers' layers" if checkpoint else unsupported(self.bert)
+        if fused_qkv and why_not:
+            logger.info(f"encoder_fused_qkv: '{pretrained}' keeps transformers' forward ({why_not})")
+        self.fused_qkv = fused_qkv and not why_not
         self._linears = [(module, kind) for module in self.bert.modules() if isinstance(module, nn.Linear)
                          for kind in ("weight", "bias") if getattr(module, kind) is not None]
         if getattr(self.bert, "pooler", None) is not None:
@@ -71,8 +81,8 @@ class BertTextEncoder(nn.Module):
         (2 kernels per layer on CUDA, 4 at a length that is not a multiple of 8), made once. From the 2-D mask
         transformers would first ask ``mask.all()`` to see whether it can drop the mask, a host synchronisation on
         CUDA. Other encoders and attention implementations get the 2-D mask as before."""
-        if (READY_MADE_MASKS and isinstance(self.bert, transformers.BertModel)
-                and getattr(self.bert.config, "_attn_implementation", None) == "sdpa"):
+        if self.fused_qkv or (READY_MADE_MASKS and isinstance(self.bert, transformers.BertModel)
+                              and getattr(self.bert.config, "_attn_implementation", None) == "sdpa"):
             b, length = mask.shape
             aligned = -(-length // 8) * 8  # rows 8-aligned, as CUDA's memory-efficient kernel wants: no copy per call
             bias = torch.zeros(b, 1, 1, aligned, dtype=dtype, device=mask.device)[..., :length]  # (b, 1, 1, l)
@@ -97,12 +107,13 @@ class BertTextEncoder(nn.Module):
         # outside this block, where another kernel would draw other dropout masks
         kernels = sdpa_kernel(fused_backends(text.device)) if not self.checkpoint else nullcontext()
         with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()), in_float32, kernels:
-            if self.cast_once and torch.is_autocast_enabled(kind):
-                weights = cast_linear_weights([getattr(m, attr) for m, attr in self._linears],
-                                              torch.get_autocast_dtype(kind))
-                with substituted(self._linears, weights):
-                    return self.bert(**inputs).last_hidden_state  # (b, l, e)
-            return self.bert(**inputs).last_hidden_state  # (b, l, e)
+            cast = self.cast_once and torch.is_autocast_enabled(kind)
+            weights = cast_linear_weights([getattr(m, attr) for m, attr in self._linears],
+                                          torch.get_autocast_dtype(kind)) if cast else []
+            with substituted(self._linears if cast else [], weights):
+                if self.fused_qkv:
+                    return fused_forward(self.bert, ids, segments, inputs["attention_mask"])  # (b, l, e)
+                return self.bert(**inputs).last_hidden_state  # (b, l, e)
 
 
 @contextmanager
