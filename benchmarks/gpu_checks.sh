@@ -3,6 +3,7 @@
 # minutes: on a borrowed card's 10-minute slot run it under `timeout 570`, which cuts the last steps.
 #
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
+#     STEPS="graphs mosei" bash benchmarks/gpu_checks.sh [OUT]     # only the steps named (e.g. a second, short call)
 #
 # 1. check_cuda.py: losses and gradients of the fast modes (both stackings, bf16) against the baseline on the GPU.
 # 2. bench_train.py, MOSI shape, 5 timed passes each: baseline, fast (shipped: modalities joined along time, fusion
@@ -30,6 +31,9 @@ mkdir -p "$out"
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 cap=$2
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        return
+    fi
     echo "== $name (at most ${cap} s): $*"
     local start=$SECONDS
     timeout --kill-after=5 "$cap" "$@" >"$out/$name.log" 2>&1
