@@ -17,8 +17,9 @@ ratio, then where the time went in each mode (timers around the package's functi
 * ``model``: building the network (BERT loaded from disk);
 * ``train epoch``: ``train_one_epoch``, the part the speed levers act on (and what a real run repeats per epoch);
 * ``valid`` / ``test``: the evaluation passes;
-* ``checkpoint``: writing the best weights (``save_weights``) and reading them back (``torch.load``: our ``fit``
-  and MMSA's ``_run`` each reload them);
+* ``checkpoint``: writing the best weights and reading them back (``trainer.BestCheckpoint``: on CUDA a thread
+  writes them while training goes on, and only the time the training thread spends on them or waits for the
+  writer counts here; ``torch.load``: MMSA's ``_run`` reloads them);
 * ``MMSA's pause``: ``time.sleep(1)`` at the end of MMSA's ``_run``, per seed;
 * ``other``: the rest (seeding, logging, results CSV, freeing memory).
 """
@@ -83,7 +84,8 @@ def phase_timers(device: str) -> Iterator[collections.Counter]:
 
     targets = [(mmsa_run, "MMDataLoader", "data"), (mmsa_run, "AMIO", "model"),
                (trainer, "train_one_epoch", "train epoch"), (trainer, "evaluate", evaluation),
-               (compat, "evaluate", evaluation), (trainer, "save_weights", "checkpoint"),
+               (compat, "evaluate", evaluation), (trainer.BestCheckpoint, "save", "checkpoint"),
+               (trainer.BestCheckpoint, "wait", "checkpoint"), (trainer.BestCheckpoint, "load_into", "checkpoint"),
                (torch, "load", "checkpoint"), (mmsa_run.time, "sleep", "MMSA's pause")]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]
     for owner, name, phase in targets:

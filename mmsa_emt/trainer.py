@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -279,8 +280,81 @@ def _epoch_result(total: Tensor, pred_loss: Tensor, n: int, preds: list[Tensor],
 
 def save_weights(model: torch.nn.Module, path: Path, *, prefix: str = "") -> None:
     """Saves the state dict as CPU tensors (keys prefixed, e.g. 'Model.' for MMSA's AMIO wrapper)."""
+    write_atomically({prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def write_atomically(state: dict[str, Tensor], path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then renamed over it: an interrupted or failed write
+    leaves the previous checkpoint whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        torch.save(state, partial)
+        os.replace(partial, path)
+    except (OSError, RuntimeError) as error:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"could not write the checkpoint {path} ({error}); the previous one, if any, is "
+                      "unchanged") from error
+
+
+class BestCheckpoint:
+    """The best weights so far: written to ``path`` at each ``save``, and read back by ``load_into``.
+
+    ``background=True`` (what ``fit`` does on CUDA, where an epoch is a few seconds and writing bert-base's 440 MB
+    about one): ``save`` copies the weights into host memory (pinned, without waiting for the GPU) and a thread
+    writes them while training goes on; ``load_into`` then takes them from memory, not from the file. A write
+    error is raised by the next ``save``, ``wait`` or ``load_into``. The writer is not a daemon thread, so the
+    file is finished even if the program is interrupted meanwhile.
+    """
+
+    def __init__(self, path: Path, *, prefix: str = "", background: bool = False) -> None:
+        self.path, self.prefix, self.background = Path(path), prefix, background
+        self.held: dict[str, Tensor] | None = None  # background: the weights last saved, unprefixed
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, model: torch.nn.Module) -> None:
+        if not self.background:
+            save_weights(model, self.path, prefix=self.prefix)
+            return
+        self.wait()  # the buffers are free again
+        state = model.state_dict()
+        if self.held is None or self.held.keys() != state.keys():
+            pin = torch.cuda.is_available() and any(v.is_cuda for v in state.values())
+            self.held = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in state.items()}
+        for key, value in state.items():
+            self.held[key].copy_(value.detach(), non_blocking=True)
+        copied = None
+        if any(v.is_cuda for v in state.values()):
+            copied = torch.cuda.Event()
+            copied.record()  # after the copies, before the next optimizer step on this stream
+        self._writer = threading.Thread(target=self._write, args=(copied,), name="checkpoint-writer")
+        self._writer.start()
+
+    def _write(self, copied: torch.cuda.Event | None) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()
+            write_atomically({self.prefix + k: v for k, v in self.held.items()}, self.path)
+        except BaseException as error:  # handed to the training thread by wait()
+            self._error = error
+
+    def wait(self) -> None:
+        """Returns once the last save is on disk; raises its error if it failed."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def load_into(self, model: torch.nn.Module) -> None:
+        self.wait()
+        if self.held is not None:
+            model.load_state_dict(self.held)
+            return
+        state = torch.load(self.path, map_location="cpu")
+        model.load_state_dict({k[len(self.prefix):]: v for k, v in state.items()})
 
 
 @dataclass
@@ -298,11 +372,13 @@ def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: It
         logger: logging.Logger | None = None, speed: SpeedConfig | None = None,
         on_epoch_end: Callable[[int, dict[str, float], dict[str, float]], None] | None = None) -> FitResult:
     """Trains until ``key_metric`` on the validation set has not improved for ``early_stop`` epochs (or
-    ``max_epochs``); the best weights are saved to ``save_path`` and loaded back into ``model`` at the end
-    (unless the last epoch was the best: ``model`` holds them already)."""
+    ``max_epochs``); the best weights are saved to ``save_path`` (``BestCheckpoint``: on CUDA by a thread while
+    training goes on) and loaded back into ``model`` at the end (unless the last epoch was the best: ``model``
+    holds them already)."""
     log = logger or logging.getLogger(__name__)
     speed = speed or SpeedConfig()
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=speed.precision == "fp16")
+    best = BestCheckpoint(save_path, prefix=checkpoint_prefix, background=torch.device(device).type == "cuda")
     best_value, best_epoch, epoch, history = math.inf if minimize else -math.inf, 0, 0, []
     while max_epochs is None or epoch < max_epochs:
         epoch += 1
@@ -322,7 +398,7 @@ def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: It
         improved = value <= best_value - 1e-6 if minimize else value >= best_value + 1e-6
         if improved:
             best_value, best_epoch = value, epoch
-            save_weights(model, save_path, prefix=checkpoint_prefix)
+            best.save(model)
         log.info(f"epoch {epoch} (best {best_epoch}) | train loss {train.loss:.4f} | valid loss {valid.loss:.4f} | "
                  f"valid {key_metric} {value:.4f}{' (best, saved)' if improved else ''}")
         if on_epoch_end is not None:
@@ -335,6 +411,6 @@ def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: It
         raise ValueError(f"valid {key_metric} never improved on its start ({last} after {epoch} epochs), so no "
                          "weights were saved; choose another KeyEval (e.g. 'Loss') or more epochs")
     if best_epoch != epoch:
-        state = torch.load(save_path, map_location="cpu")
-        model.load_state_dict({k[len(checkpoint_prefix):]: v for k, v in state.items()})
+        best.load_into(model)
+    best.wait()  # on disk before returning: MMSA's _run reads it next
     return FitResult(best_epoch=best_epoch, best_value=best_value, epochs=epoch, history=history)

@@ -1,5 +1,7 @@
 """Optimizer groups, gradient accumulation, early stopping and checkpoints of the framework-free trainer."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import random_batch
@@ -119,3 +121,73 @@ def test_unknown_key_metric_lists_the_choices(tiny_config, tmp_path):
         fit(model, [random_batch(3)], [random_batch(3)], optimizer=build_optimizer(model, OptimConfig()),
             weights=LossWeights(), metric_fn=lambda p, y: {}, key_metric="Acc", save_path=tmp_path / "x.pth",
             progress=False)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tiny_config, tmp_path, monkeypatch):
+    """The checkpoint is written beside its path and renamed over it: a write that fails midway (here: a full
+    disk after a few bytes) raises an error naming the file and leaves the last good checkpoint as it was."""
+    import mmsa_emt.trainer as trainer
+
+    model, path = EMTDLFR(tiny_config()), tmp_path / "best.pth"
+    checkpoint = trainer.BestCheckpoint(path, prefix="Model.")
+    checkpoint.save(model)
+    good = path.read_bytes()
+
+    def full_disk(state, file):
+        Path(file).write_bytes(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.torch, "save", full_disk)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(OSError, match=r"best\.pth.*No space left.*previous one.*unchanged"):
+        checkpoint.save(model)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth"]  # no partial file left behind
+
+
+def test_background_checkpoint_writes_a_snapshot_and_restores_it_from_memory(tiny_config, tmp_path, monkeypatch):
+    """``BestCheckpoint(background=True)`` (fit's choice on CUDA): the file holds the weights as they were at
+    ``save``, even though training changes them while the thread writes; ``load_into`` restores them from memory
+    (no file read); a failed write is raised by the next ``wait``."""
+    import mmsa_emt.trainer as trainer
+
+    model, path = EMTDLFR(tiny_config()), tmp_path / "best.pth"
+    saved_state = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = trainer.BestCheckpoint(path, prefix="Model.", background=True)
+    checkpoint.save(model)
+    with torch.no_grad():  # what the next optimizer steps do while the writer runs
+        for p in model.parameters():
+            p.add_(1.0)
+    checkpoint.wait()
+    on_disk = torch.load(path)
+    assert on_disk.keys() == {"Model." + k for k in saved_state}
+    assert all(torch.equal(on_disk["Model." + k], v) for k, v in saved_state.items())
+    monkeypatch.setattr(trainer.torch, "load", lambda *a, **k: pytest.fail("read the file back"))
+    checkpoint.load_into(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved_state.items())
+
+    monkeypatch.setattr(trainer.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "disk full")))
+    checkpoint.save(model)
+    with pytest.raises(OSError, match="best.pth.*disk full"):
+        checkpoint.wait()
+    checkpoint.wait()  # raised once
+
+
+def test_fit_with_a_background_checkpoint_returns_with_the_best_weights_on_disk(tiny_config, tmp_path,
+                                                                               monkeypatch):
+    """fit as on CUDA (checkpoint written by a thread): when it returns the file holds the best epoch's weights,
+    which the model holds too (restored from memory: the best epoch was not the last)."""
+    import mmsa_emt.trainer as trainer
+
+    original = trainer.BestCheckpoint
+    monkeypatch.setattr(trainer, "BestCheckpoint", lambda *a, **k: original(*a, **{**k, "background": True}))
+    torch.manual_seed(0)
+    model, path, scores = EMTDLFR(tiny_config()), tmp_path / "best.pth", iter([1.0, 2.0, 3.0])
+    metric = lambda p, y: {"Score": next(scores)} if len(p) == 5 else {}  # noqa: E731  (valid: 5 samples)
+    result = fit(model, [random_batch(4, seed=i) for i in range(2)], [random_batch(5, seed=10)],
+                 optimizer=build_optimizer(model, OptimConfig()), weights=LossWeights(), metric_fn=metric,
+                 key_metric="Score", early_stop=3, max_epochs=3, save_path=path, progress=False)
+    assert result.best_epoch == 1 and result.epochs == 3
+    saved = torch.load(path)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
