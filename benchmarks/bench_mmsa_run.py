@@ -41,7 +41,8 @@ from workspace import bert_base, resolve_device, write_workspace
 
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "trim_padding": False, "precision": "fp32",
-                 "stack_modalities": False, "numpy_dropout": False, "encoder_fused_qkv": False},
+                 "stack_modalities": False, "numpy_dropout": False, "encoder_fused_qkv": False,
+                 "reuse_weight_casts": False},
     "fast": {"precision": "auto"},
 }
 

@@ -9,20 +9,23 @@ Modes (``MODES``; each is a set of config switches, see the README's speed secti
   incomplete views in two encoder passes, LSTMs over packed sequences, full padding, per-tensor Adam, torch's
   dropout masks, BERT through transformers' forward, the loss read back to the host every step;
 * ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over the
-  padded batch (``packed_lstm: false``), BERT's layers with one query/key/value matmul (``nn.fused_bert``), each
-  batch cut to its longest sequences, no per-step host sync, fused Adam, the activations of the fusion's
-  feed-forward blocks recomputed in the backward pass instead of kept (``checkpoint_fusion: true``); bf16 autocast
-  where the device multiplies bf16 natively (``precision: auto``: CUDA from Ampere on, x86 CPUs with AMX-BF16); on
-  CUDA also the three modalities joined along time into one fusion call (``stack_modalities: auto``);
+  padded batch (``packed_lstm: false``), BERT's layers with one query/key/value matmul (``nn.fused_bert``), Linear
+  weights cast to the low precision once per optimizer step and their gradients accumulated in flat buffers
+  (``reuse_weight_casts``), each batch cut to its longest sequences, no per-step host sync, fused Adam, the
+  activations of the fusion's feed-forward blocks recomputed in the backward pass instead of kept
+  (``checkpoint_fusion: true``); bf16 autocast where the device multiplies bf16 natively (``precision: auto``: CUDA
+  from Ampere on, x86 CPUs with AMX-BF16); on CUDA also the three modalities joined along time into one fusion call
+  (``stack_modalities: auto``);
 * variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-stack-batch`` /
   ``fast-nostack`` (the modalities joined along time / padded and stacked along the batch / one fusion call each,
   whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT too / nothing),
   ``fast-bf16`` (bf16 autocast whatever the device), ``fast-packed`` (packed LSTMs), ``fast-compile``
   (``torch.compile`` of the text encoder and the fusion), ``fast-bert32`` (BERT kept in float32 under autocast,
-  TF32 matmuls on CUDA: no per-step weight casts), ``fast-castonce`` (BERT's Linear weights cast in one
-  concatenation instead of one by one by autocast, ``encoder_cast_once: true``: ~280 fewer operations per step),
-  ``fast-unfusedqkv`` (BERT's layers through transformers' forward, three query/key/value matmuls, as shipped
-  until 2026-11-28; ``encoder_fused_qkv: false``),
+  TF32 matmuls on CUDA: no per-step weight casts), ``fast-castperforward`` (autocast casting each Linear's weight
+  and bias at every forward pass, ``reuse_weight_casts: false``, where ``fast`` casts them all at once per optimizer
+  step), ``fast-castonce`` (the same, but BERT's Linear weights cast in one concatenation at every forward pass,
+  ``encoder_cast_once: true``), ``fast-unfusedqkv`` (BERT's layers through transformers' forward, three
+  query/key/value matmuls; ``encoder_fused_qkv: false``),
   ``fast-noaddmmlt`` (the shipped config with ``DISABLE_ADDMM_CUDA_LT=1`` in the worker's environment: Linear layers
   with a bias through cuBLAS instead of cuBLASLt; on the H200 an ``addmm`` took 146 us of host time against 64 us
   for an ``mm``), ``fast-tcmalloc`` (the shipped config with gperftools' tcmalloc preloaded, Linux only: Debian's
@@ -73,12 +76,13 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto", "packed_lstm": False,
         "checkpoint_encoder": False, "checkpoint_fusion": True, "trim_padding": True, "precision": "auto",
         "sync_every_step": False, "fused_adam": None, "compile": False, "encoder_autocast": True,
-        "encoder_cast_once": False, "encoder_fused_qkv": True, "numpy_dropout": True}
+        "encoder_cast_once": False, "encoder_fused_qkv": True, "numpy_dropout": True, "reuse_weight_casts": True}
 MODES = {
     "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": None, "packed_lstm": True,
                  "checkpoint_encoder": False, "checkpoint_fusion": False, "trim_padding": False, "precision": "fp32",
                  "sync_every_step": True, "fused_adam": False, "compile": False, "encoder_autocast": True,
-                 "encoder_cast_once": False, "encoder_fused_qkv": False, "numpy_dropout": False},
+                 "encoder_cast_once": False, "encoder_fused_qkv": False, "numpy_dropout": False,
+                 "reuse_weight_casts": False},
     "fast": FAST,
     "fast-fp32": {**FAST, "precision": "fp32"},
     "fast-stack": {**FAST, "stack_modalities": "time"},
@@ -90,8 +94,9 @@ MODES = {
     "fast-nocheckpoint": {**FAST, "checkpoint_encoder": False, "checkpoint_fusion": False},
     "fast-bf16": {**FAST, "precision": "bf16"},
     "fast-bert32": {**FAST, "encoder_autocast": False},
-    "fast-castonce": {**FAST, "encoder_cast_once": True},
+    "fast-castonce": {**FAST, "encoder_cast_once": True, "reuse_weight_casts": False},
     "fast-unfusedqkv": {**FAST, "encoder_fused_qkv": False},
+    "fast-castperforward": {**FAST, "reuse_weight_casts": False},
     "fast-noaddmmlt": FAST,
     "fast-tcmalloc": FAST,
 }
@@ -230,7 +235,8 @@ def setup(shape_name: str, mode: str, device: str, encoder: str, *, as_device: s
     model = EMTDLFR(config).to(device)
     optimizer = build_optimizer(model, OptimConfig(), fused=switches["fused_adam"])
     speed = SpeedConfig(trim_padding=switches["trim_padding"], precision=switches["precision"],
-                        sync_every_step=switches["sync_every_step"], compile=switches["compile"])
+                        sync_every_step=switches["sync_every_step"], compile=switches["compile"],
+                        reuse_weight_casts=switches["reuse_weight_casts"])
     return model, optimizer, speed
 
 

@@ -15,15 +15,18 @@ largest per-tensor value):
   per-modality loop;
 * the same model on CUDA against the CPU (fp32);
 * bf16 autocast against fp32 (expected near 1e-2: bf16 keeps 8 bits of mantissa);
-* bf16 with BERT's Linear weights cast in one concatenation (``encoder_cast_once: true``) against autocast's
-  casts one by one (shipped): the same rounding, so the same numbers up to the order of the GPU's atomic
-  additions (the next line, the same run twice, shows that noise).
+* bf16 with BERT's Linear weights cast in one concatenation (``encoder_cast_once: true``), and with every
+  Linear's weights cast in one concatenation (``reuse_weight_casts: true``, shipped), against autocast's casts
+  one by one: the same rounding, so the same numbers up to the order of the GPU's atomic additions (the last
+  line, the same run twice, shows that noise).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,8 +38,10 @@ from mmsa_emt.trainer import SpeedConfig
 
 
 def run(model: EMTDLFR, batch, device: str, speed: SpeedConfig) -> tuple[dict, dict]:
+    """Losses and gradients of one batch, the weights cast as ``train_one_epoch`` casts them."""
     model.zero_grad(set_to_none=True)
-    with speed.autocast(device):
+    casts = speed.weight_casts(model)
+    with speed.autocast(device), (casts.applied(device) if casts is not None else contextlib.nullcontext()):
         out = compute_loss(model, speed.prepare(batch, device), LossWeights())
     out.total.backward()
     terms = {k: v.detach().double().cpu() for k, v in out.terms.items()} | {"total": out.total.detach().double().cpu()}
@@ -77,7 +82,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         encoder = bert_base(Path(folder) / "bert-base")
         batch = make_batches(SHAPES["mosi"], 1, True, encoder)[0]
-        fp32, bf16 = SpeedConfig(trim_padding=True), SpeedConfig(trim_padding=True, precision="bf16")
+        fp32 = SpeedConfig(trim_padding=True)
+        bf16 = SpeedConfig(trim_padding=True, precision="bf16", reuse_weight_casts=False)  # autocast's own casts
         baseline = build(encoder, device, fused_attention=False, fused_views=False, packed_lstm=True,
                          encoder_fused_qkv=False)
         state = {k: v.detach().clone() for k, v in baseline.state_dict().items()}
@@ -95,6 +101,8 @@ def main() -> None:
         compare("bf16 autocast vs fp32", fast, half, None)
         once = run(build(encoder, device, state, encoder_cast_once=True), batch, device, bf16)
         compare("bf16: BERT weights cast at once vs one by one", half, once, None)
+        reused = run(build(encoder, device, state), batch, device, replace(bf16, reuse_weight_casts=True))
+        compare("bf16: all weights cast once (shipped) vs one by one", half, reused, None)
         compare("bf16: one by one, run to run (the GPU's noise)", half,
                 run(build(encoder, device, state), batch, device, bf16), None)
     print("all checks passed" if ok else "SOME CHECKS FAILED")

@@ -5,11 +5,13 @@
 On a GPU a step of this model is bound by kernel launches, not arithmetic (``bench_train.py --profile``: the card
 was busy 5-13 % of the step), and its peak memory is the weights, gradients and Adam states plus the activations
 kept for the backward pass. Both can be counted exactly without the card. For each mode of ``bench_train.MODES``
-(``auto`` switches resolved as on ``--as-device``), one training step on one full-length batch of the shape
-(bert-base-sized encoder with random weights, both views, every loss) is run here and counted:
+(``auto`` switches resolved as on ``--as-device``), one accumulation group of training steps on one full-length
+batch of the shape (bert-base-sized encoder with random weights, both views, every loss) is run here and counted:
 
-* ATen operations (non-view) in the forward pass per part, the backward pass and the optimizer step: each is at
-  least one kernel launch on a GPU (a packed cuDNN LSTM, one operation here, launches kernels per frame there);
+* ATen operations (non-view) in the forward pass per part, the backward pass and the optimizer step, per
+  mini-batch of an accumulation group of 4 (the authors' ``update_epochs``), as ``train_one_epoch`` runs it: each
+  is at least one kernel launch on a GPU (a packed cuDNN LSTM, one operation here, launches kernels per frame
+  there);
 * bytes of the tensors saved for backward (unique storages, parameters excluded; bf16 autocast copies of weights
   included), the activation memory of the step;
 * static bytes: fp32 parameters, plus a gradient and two Adam moments for every trainable one;
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -39,31 +42,39 @@ from mmsa_emt import LossWeights, compute_loss
 from mmsa_emt.nn.dropout import Dropout
 
 
-def count_step(model, optimizer, speed, batch, weights) -> tuple[collections.Counter, int]:
-    """One training step: its operation counts per phase and the bytes of the activations saved for backward."""
+def count_step(model, optimizer, speed, batch, weights, update_every: int = 4) -> tuple[collections.Counter, int]:
+    """One accumulation group as ``train_one_epoch`` runs it (``update_every`` mini-batches, then the optimizer
+    step; weights cast once per group with ``reuse_weight_casts``): its operation counts per phase, per
+    mini-batch, and the largest bytes of activations a mini-batch saved for backward."""
     model.train()  # as train_one_epoch: from_pretrained leaves BERT in eval mode
     counter = OpCensus()
     hooks = counter.track_parts(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    casts = speed.weight_casts(model)
+    most = 0
     with counter:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), speed.autocast("cpu"):
-            loss = compute_loss(model, batch, weights).total
-        counter.phase = "backward"
-        loss.backward()
+        for _ in range(update_every):
+            saved: dict[int, int] = {}
+
+            def keep(t: torch.Tensor, saved=saved) -> torch.Tensor:
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in params:
+                    saved[storage.data_ptr()] = storage.nbytes()
+                return t
+
+            counter.phase = "forward"
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), speed.autocast("cpu"), \
+                    (casts.applied("cpu") if casts is not None else contextlib.nullcontext()):
+                loss = compute_loss(model, batch, weights).total
+            counter.phase = "backward"
+            loss.backward()
+            most = max(most, sum(saved.values()))
         counter.phase = "optimizer"
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     for hook in hooks:
         hook.remove()
-    return counter.counts, sum(saved.values())
+    return collections.Counter({k: round(v / update_every) for k, v in counter.counts.items()}), most
 
 
 def census(shape: str, mode: str, encoder: str, as_device: str) -> dict:
@@ -71,7 +82,7 @@ def census(shape: str, mode: str, encoder: str, as_device: str) -> dict:
     model, optimizer, speed = setup(shape, mode, "cpu", encoder, as_device=as_device,
                                     attn_dropout=0.0 if as_device == "cuda" else 0.3)
     batch = speed.prepare(make_batches(SHAPES[shape], 1, False, encoder)[0], "cpu")
-    count_step(model, optimizer, speed, batch, LossWeights())  # the first step creates Adam's state
+    count_step(model, optimizer, speed, batch, LossWeights(), 1)  # the first step creates Adam's state
     ops, saved = count_step(model, optimizer, speed, batch, LossWeights())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     static = 4 * (sum(p.numel() for p in model.parameters()) + 3 * trainable)  # fp32: grad + two Adam moments
@@ -87,7 +98,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["baseline", "fast-nostack", "fast-stack-batch",
                                                        "fast-nocheckpoint", "fast"], choices=list(MODES))
     args = parser.parse_args()
-    print(f"{args.shape} shape, switches as on {args.as_device}, one training step counted on the CPU")
+    print(f"{args.shape} shape, switches as on {args.as_device}, counted on the CPU per mini-batch of an "
+          "accumulation group of 4")
     print(f"{'mode':18s} {'prec':5s} {'ops':>6s} {'fwd':>5s} {'bwd':>5s} {'optim':>5s}  "
           f"{'text':>4s} {'lstm':>4s} {'fusion':>6s} {'other':>5s}  {'activ.':>7s} {'static':>7s} {'peak':>7s}")
     with tempfile.TemporaryDirectory() as folder:

@@ -190,12 +190,13 @@ def _stacking(args: Mapping[str, Any]) -> str | None:
 
 def speed_config_from_args(args: Mapping[str, Any]) -> SpeedConfig:
     """``precision`` (fp32 | bf16 | fp16; 'auto': bf16 where the device multiplies it natively, see
-    ``auto_precision``), ``trim_padding``, ``compile``."""
+    ``auto_precision``), ``trim_padding``, ``compile``, ``reuse_weight_casts``."""
     precision = str(args.get("precision", "fp32"))
     if precision == "auto":
         precision = auto_precision(args.get("device", "cpu"))
     return SpeedConfig(trim_padding=bool(args.get("trim_padding", True)), precision=precision,
-                       compile=bool(args.get("compile", False)))
+                       compile=bool(args.get("compile", False)),
+                       reuse_weight_casts=bool(args.get("reuse_weight_casts", True)))
 
 
 def loss_weights_from_args(args: Mapping[str, Any]) -> LossWeights:

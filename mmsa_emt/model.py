@@ -23,6 +23,7 @@ from .nn.dropout import Dropout
 from .nn.emt import EMT
 from .nn.encoders import BertTextEncoder, SequenceEncoder, length_mask
 from .nn.transfer import to_device
+from .nn.weight_casts import linear_slots
 from .objective import DualLevelRestoration
 from .registry import register_model
 
@@ -198,6 +199,13 @@ class EMTDLFR(nn.Module):
         audio_lengths = full if audio_lengths is None else audio_lengths
         vision_lengths = torch.full_like(full, vision.shape[1]) if vision_lengths is None else vision_lengths
         return {"M": self.forward_view(text, audio, vision, audio_lengths.cpu(), vision_lengths.cpu()).pred}
+
+    def low_precision_slots(self) -> list[tuple[nn.Module, str]]:
+        """The weights and biases autocast casts in a forward pass (those of every Linear; not BERT's when it
+        stays float32, ``encoder_autocast: false``): what ``nn.weight_casts.ReusedCasts`` casts once."""
+        float32 = self.text_encoder if "text" in self.modalities and not self.config.encoder_autocast else None
+        kept = set() if float32 is None else set(float32.modules())
+        return [(module, attr) for module, attr in linear_slots([self]) if module not in kept]
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (shared parameters counted once), as in the authors' code."""

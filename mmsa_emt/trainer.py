@@ -12,7 +12,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .model import EMTDLFR
+from .nn.weight_casts import ReusedCasts
 from .objective import LossOutput, LossWeights, TwoViewBatch, compute_loss
 
 MetricFn = Callable[[Tensor, Tensor], dict[str, float]]
@@ -106,6 +107,7 @@ class SpeedConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass (fp16 with loss scaling)
     sync_every_step: bool = False  # read the loss back to the host each step, as the authors' loop does
     compile: bool = False  # torch.compile the text encoder and the fusion (compile_model)
+    reuse_weight_casts: bool = True  # under autocast, Linear weights cast once per optimizer step (same numbers)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -143,6 +145,14 @@ class SpeedConfig:
 
     def prepare_model(self, model: EMTDLFR) -> EMTDLFR:
         return compile_model(model) if self.compile else model
+
+    def weight_casts(self, model: torch.nn.Module) -> ReusedCasts | None:
+        """The low-precision weight copies one epoch or evaluation reuses (``nn.weight_casts``), or None: not
+        asked for, or compiled (Inductor fuses the casts into the graph)."""
+        slots = getattr(model, "low_precision_slots", None)
+        if not self.reuse_weight_casts or self.compile or slots is None:
+            return None
+        return ReusedCasts(slots())
 
 
 def compile_model(model: EMTDLFR, *, backend: str = "inductor") -> EMTDLFR:
@@ -216,17 +226,20 @@ def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: 
     bar = _progress(batches, desc, progress)
     n_batches = len(bar) if bar.total is not None else None
     optimizer.zero_grad(set_to_none=True)
+    casts = speed.weight_casts(model)
     i = -1
     with speed.float32_matmuls(device):
         for i, batch in enumerate(bar):
             batch = speed.prepare(batch, device)
-            with speed.autocast(device):
+            with speed.autocast(device), _applied(casts, device):
                 out = compute_loss(model, batch, weights)
             scaler.scale(out.total).backward()
             if (i + 1) % update_every == 0 or (n_batches is not None and i + 1 == n_batches):
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                if casts is not None:
+                    casts.refresh()  # the weights changed
             if speed.sync_every_step:
                 out.total.item()
             total_loss += out.total.detach()
@@ -252,10 +265,11 @@ def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeigh
     total_loss = torch.zeros((), device=device)
     pred_loss = torch.zeros((), device=device)
     preds, labels, feats = [], [], []
+    casts = speed.weight_casts(model)  # cast once for the whole evaluation
     with speed.float32_matmuls(device):
         for batch in _progress(batches, desc, progress):
             batch = speed.prepare(batch, device)
-            with speed.autocast(device):
+            with speed.autocast(device), _applied(casts, device):
                 out: LossOutput = compute_loss(model, batch, weights)
             if speed.sync_every_step:
                 out.total.item()
@@ -269,6 +283,10 @@ def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeigh
     if keep_features:
         result.features = {k: torch.cat([f[k] for f in feats]).float().cpu() for k in feats[0]}
     return result
+
+
+def _applied(casts: ReusedCasts | None, device: torch.device | str) -> AbstractContextManager:
+    return nullcontext() if casts is None else casts.applied(torch.device(device).type)
 
 
 def _epoch_result(total: Tensor, pred_loss: Tensor, n: int, preds: list[Tensor], labels: list[Tensor]) -> EpochResult:

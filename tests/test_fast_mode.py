@@ -482,3 +482,136 @@ def test_fused_qkv_bert_compiles_without_graph_breaks(tiny_bert):
     torch.testing.assert_close(tokens, eager_tokens, rtol=1e-5, atol=1e-6)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(dict(encoder.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_reused_weight_casts_train_and_evaluate_exactly_as_autocast(tiny_config, monkeypatch):
+    """``reuse_weight_casts``: under bf16 autocast the Linear weights are cast once per optimizer step (and once
+    per evaluation) instead of at every forward pass, and their gradients reach ``.grad`` through one flat
+    buffer: after accumulation groups of 2, 2 and 1 batches the weights, the predictions and the evaluation are
+    those of autocast's own casts and autograd's accumulation, bit for bit (dropout on, same seed, the fusion's
+    feed-forward recomputed). Casting happens exactly once per group: with a stale copy the second group would
+    train on old weights."""
+    from mmsa_emt.nn.weight_casts import ReusedCasts
+    from mmsa_emt.trainer import OptimConfig, build_optimizer, evaluate, train_one_epoch
+
+    casts_made = []
+    cast = ReusedCasts._cast
+    monkeypatch.setattr(ReusedCasts, "_cast", lambda self, dtype: casts_made.append(dtype) or cast(self, dtype))
+    batches = [random_batch(4, seed=i) for i in range(5)]
+    results = []
+    for reuse in (False, True):
+        torch.manual_seed(0)  # the fusion as shipped for CUDA: joined along time, feed-forward recomputed
+        model = EMTDLFR(tiny_config(attn_dropout=0.2, ff_dropout=0.1, post_fusion_dropout=0.2,
+                                    stack_modalities="time", checkpoint_fusion=True))
+        speed = SpeedConfig(precision="bf16", reuse_weight_casts=reuse)
+        casts_made.clear()
+        train = train_one_epoch(model, batches, build_optimizer(model, OptimConfig()), LossWeights(),
+                                update_every=2, progress=False, speed=speed)  # groups of 2, 2 and 1 batches
+        trained_casts = len(casts_made)
+        valid = evaluate(model, batches[:2], LossWeights(), progress=False, speed=speed)
+        results.append((train, valid, {k: v.clone() for k, v in model.state_dict().items()}))
+        assert (trained_casts, len(casts_made)) == ((3, 4) if reuse else (0, 0))
+        assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())  # swapped back
+    (train, valid, state), (train_r, valid_r, state_r) = results
+    assert torch.equal(train_r.preds, train.preds) and train_r.loss == train.loss
+    assert torch.equal(valid_r.preds, valid.preds) and valid_r.loss == valid.loss
+    assert all(torch.equal(state_r[k], v) for k, v in state.items())
+
+
+def test_reused_weight_casts_cover_what_autocast_casts(tiny_config):
+    """The slots cast once are every Linear's weight and bias, BERT's only when it runs under autocast; within
+    ``applied`` the model reads bf16 views with a gradient path to the float32 parameters (none for the frozen
+    pooler); outside autocast nothing is swapped."""
+    from mmsa_emt.nn.weight_casts import ReusedCasts
+
+    model = EMTDLFR(tiny_config())
+    slots = model.low_precision_slots()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(slots) == sum(1 + (m.bias is not None) for m in linears)
+    bert = set(model.text_encoder.modules())
+    assert not any(m in bert for m, _ in EMTDLFR(tiny_config(encoder_autocast=False)).low_precision_slots())
+    casts = ReusedCasts(slots)
+    pooler = model.text_encoder.bert.pooler.dense
+    with casts.applied("cpu"):
+        assert model.head[1].weight.dtype == torch.float32  # no autocast: nothing swapped
+    with torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
+        assert model.head[1].weight.dtype == torch.bfloat16 and model.head[1].weight.grad_fn is not None
+        assert pooler.weight.dtype == torch.bfloat16 and pooler.weight.grad_fn is None
+    assert isinstance(model.head[1].weight, torch.nn.Parameter)
+
+
+def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
+    """``FlatGradients``: the first pass's gradients become views of one float32 buffer, later passes add to it in
+    one operation; if a ``.grad`` is not one of its views (zeros left by the optimizer) it adds per parameter.
+    Either way each gradient is the float32 sum of the passes', as autograd's accumulation makes it. A training
+    group of 2 batches then launches far fewer operations than autocast's casts and accumulation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmsa_emt.nn.weight_casts import FlatGradients, ReusedCasts
+    from mmsa_emt.trainer import OptimConfig, build_optimizer, train_one_epoch
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    passes = [torch.randn(10).to(torch.bfloat16) for _ in range(3)]
+    expected = sum(g.float() for g in passes)
+    sink = FlatGradients(params)
+    for grad in passes:
+        sink.accumulate(grad)
+    assert params[0].grad._base is params[1].grad._base  # one buffer
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), expected, rtol=0, atol=0)
+    for p in params:
+        p.grad = torch.zeros_like(p)  # zero_grad(set_to_none=False)
+    sink = FlatGradients(params)
+    for grad in passes:
+        sink.accumulate(grad)
+    assert params[0].grad._base is None
+    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), expected, rtol=0, atol=0)
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for reuse in (False, True):
+        model = EMTDLFR(tiny_config())
+        optimizer = build_optimizer(model, OptimConfig())
+        speed = SpeedConfig(precision="bf16", reuse_weight_casts=reuse)
+        Count.n = 0
+        with Count():
+            train_one_epoch(model, [random_batch(3, seed=i) for i in range(2)], optimizer, LossWeights(),
+                            update_every=2, progress=False, speed=speed)
+        counts.append(Count.n)
+    slots = len(ReusedCasts(model.low_precision_slots()).slots)
+    # per batch: a weight cast forward and a gradient cast backward per slot; an accumulation per slot in batch 2
+    assert counts[0] - counts[1] >= 4 * slots
+
+
+@pytest.mark.parametrize("group_size", [64, 2**23])
+def test_reused_casts_in_groups_give_autocasts_gradients(tiny_config, group_size):
+    """Cast in consecutive groups (64 elements: dozens of groups; 2**23: one) the gradients of two accumulated
+    mini-batches are those of autocast's casts and autograd's accumulation, bit for bit, and the copies are
+    views of as many flat tensors as there are groups."""
+    from mmsa_emt.nn.weight_casts import ReusedCasts
+
+    batches = [random_batch(3, seed=i) for i in range(2)]
+    grads = []
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        model = EMTDLFR(tiny_config(attn_dropout=0.2)).train()
+        casts = ReusedCasts(model.low_precision_slots(), group_size=group_size)
+        for batch in batches:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if reuse:
+                    with casts.applied("cpu"):
+                        bases = {id(copy._base) for copy in casts.copies if copy.dtype == torch.bfloat16}
+                        loss = compute_loss(model, batch, LossWeights()).total
+                else:
+                    loss = compute_loss(model, batch, LossWeights()).total
+            loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert (len(bases) > 20) if group_size == 64 else (len(bases) == 2)  # trainable and frozen (the pooler)
+    assert grads[1].keys() == grads[0].keys()
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad), name

@@ -6,8 +6,7 @@ Shape legend: b batch, l text tokens, t frames, f input features, e hidden width
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from .dropout import Dropout, replace_dropouts
 from .fused_bert import fused_forward, unsupported
 from .sdpa import fused_backends
 from .transfer import to_device
+from .weight_casts import cast_linear_weights, substituted
 
 logger = logging.getLogger(__name__)
 READY_MADE_MASKS = int(transformers.__version__.split(".")[0]) >= 5  # 4-D masks are passed through as they are
@@ -107,40 +107,14 @@ class BertTextEncoder(nn.Module):
         # outside this block, where another kernel would draw other dropout masks
         kernels = sdpa_kernel(fused_backends(text.device)) if not self.checkpoint else nullcontext()
         with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()), in_float32, kernels:
-            cast = self.cast_once and torch.is_autocast_enabled(kind)
+            cast = (self.cast_once and torch.is_autocast_enabled(kind)  # not if already cast (ReusedCasts)
+                    and self._linears[0][0].weight.dtype == torch.float32)
             weights = cast_linear_weights([getattr(m, attr) for m, attr in self._linears],
                                           torch.get_autocast_dtype(kind)) if cast else []
             with substituted(self._linears if cast else [], weights):
                 if self.fused_qkv:
                     return fused_forward(self.bert, ids, segments, inputs["attention_mask"])  # (b, l, e)
                 return self.bert(**inputs).last_hidden_state  # (b, l, e)
-
-
-@contextmanager
-def substituted(slots: list[tuple[nn.Module, str]], tensors: list[Tensor]) -> Iterator[None]:
-    """Within the block, each module's parameter ``attr`` reads as the given tensor; restored after, whatever
-    happens. (torch.func.functional_call does the same but walks the whole module on every call: +4 ms of Python
-    per BERT forward on this CPU, on a path whose point is to save host time.)"""
-    saved = [(module, attr, module._parameters[attr]) for module, attr in slots]
-    try:
-        for (module, attr), tensor in zip(slots, tensors):
-            module._parameters[attr] = tensor
-        yield
-    finally:
-        for module, attr, parameter in saved:
-            module._parameters[attr] = parameter
-
-
-def cast_linear_weights(weights: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """The tensors cast to ``dtype`` through one concatenation: views of one low-precision copy.
-
-    Autocast casts each Linear's weight and bias on its own (a kernel each, forward and backward); here the cast
-    is one concatenation and one conversion, and the backward one concatenation of the gradients and one
-    conversion back. The rounding is the same, so are the values and the gradients.
-    """
-    flat = torch.cat([w.reshape(-1) for w in weights]).to(dtype)  # (sum of sizes,)
-    pieces = flat.split_with_sizes([w.numel() for w in weights])
-    return [piece.view(w.shape) for w, piece in zip(weights, pieces)]
 
 
 def enable_activation_checkpointing(model: nn.Module, pretrained: str) -> None:
