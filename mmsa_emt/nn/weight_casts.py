@@ -70,7 +70,10 @@ class FlatGradients:
     additions in the same order, so the same gradients, bit for bit.
 
     If some ``.grad`` is not one of its views (the optimizer left zeros in place of None, or another path
-    accumulated into it first), it adds per parameter instead, as autograd would.
+    accumulated into it first), it adds per parameter instead, as autograd would. One difference: a weight of a
+    group that a pass does not use gets a zero gradient, where autograd would leave ``.grad`` None (and Adam would
+    skip it). Every weight of EMT-DLFR is used in every training pass (tests/test_model.py checks that each
+    trainable parameter gets a gradient).
     """
 
     def __init__(self, params: list[Tensor]) -> None:
