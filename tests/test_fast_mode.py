@@ -484,7 +484,8 @@ def test_fused_qkv_bert_compiles_without_graph_breaks(tiny_bert):
         torch.testing.assert_close(dict(encoder.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
 
 
-def test_reused_weight_casts_train_and_evaluate_exactly_as_autocast(tiny_config, monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reused_weight_casts_train_and_evaluate_exactly_as_autocast(tiny_config, monkeypatch, precision):
     """``reuse_weight_casts``: under bf16 autocast the Linear weights are cast once per optimizer step (and once
     per evaluation) instead of at every forward pass, and their gradients reach ``.grad`` through one flat
     buffer: after accumulation groups of 2, 2 and 1 batches the weights, the predictions and the evaluation are
@@ -503,7 +504,7 @@ def test_reused_weight_casts_train_and_evaluate_exactly_as_autocast(tiny_config,
         torch.manual_seed(0)  # the fusion as shipped for CUDA: joined along time, feed-forward recomputed
         model = EMTDLFR(tiny_config(attn_dropout=0.2, ff_dropout=0.1, post_fusion_dropout=0.2,
                                     stack_modalities="time", checkpoint_fusion=True))
-        speed = SpeedConfig(precision="bf16", reuse_weight_casts=reuse)
+        speed = SpeedConfig(precision=precision, reuse_weight_casts=reuse)  # fp16: with loss scaling
         casts_made.clear()
         train = train_one_epoch(model, batches, build_optimizer(model, OptimConfig()), LossWeights(),
                                 update_every=2, progress=False, speed=speed)  # groups of 2, 2 and 1 batches
