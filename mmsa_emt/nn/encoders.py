@@ -43,8 +43,9 @@ class BertTextEncoder(nn.Module):
     operations at the MOSI shape (benchmarks/step_census.py).
     ``cast_once=True`` (used under autocast, without ``checkpoint``): the Linear layers' weights and biases are
     cast together, in one concatenated tensor, and BERT runs on slices of it (``cast_linear_weights``): the same
-    values and gradients as autocast's casts, in a few kernels instead of ~290 per training step. Off by default
-    until it is timed on a GPU (``benchmarks/bench_train.py --modes fast fast-castonce``).
+    values and gradients as autocast's casts, in a few kernels instead of ~290 per training step. Superseded by the
+    trainer's ``reuse_weight_casts`` (``nn.weight_casts``: every Linear, once per optimizer step); when that has
+    cast the weights already, this does nothing.
     ``fused_qkv=True`` (without ``checkpoint``): a BertModel's layers run through ``nn.fused_bert``, one matmul for
     queries, keys and values and no pooler: the same outputs and gradients, ~240 fewer operations per training
     step for bert-base. Other encoders (``fused_bert.unsupported``) keep transformers' forward.

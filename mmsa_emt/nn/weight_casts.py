@@ -3,10 +3,11 @@
 Under autocast every Linear casts its float32 weight and bias to bf16/fp16 at each forward pass (a kernel each),
 and the backward pass casts each of their gradients back (another). Yet with gradient accumulation (the authors
 step Adam every 4 mini-batches) the weights stay the same over 4 forward passes, and over a whole evaluation.
-``ReusedCasts`` casts all of them through one concatenation and one conversion, lets the model read the copies
-(its parameters are swapped for them within ``applied``) and keeps them until ``refresh``, which the trainer calls
-after each optimizer step. The gradients flow back through the same concatenation: one conversion per backward
-pass. The rounding is autocast's, so the values and gradients are the same, bit for bit.
+``ReusedCasts`` casts them a group at a time (a concatenation and a conversion per ~8 M weights), lets the model
+read the copies (its parameters are swapped for them within ``applied``) and keeps them until ``refresh``, which
+the trainer calls after each optimizer step. The gradients flow back through the same concatenations into one
+float32 buffer per group (``FlatGradients``): one kernel per group and backward pass. The rounding and the float32
+additions are autocast's and autograd's, so the values and gradients are the same, bit for bit.
 
 The trainer (``trainer.SpeedConfig.reuse_weight_casts``) keeps one ``ReusedCasts`` per epoch or evaluation only:
 nothing outside its loop can change the weights while the copies are in use. (Parameter version counters cannot
