@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements of the speed work, in priority order, each capped in time. The caps add up to 14.8
-# minutes: on a borrowed card's 10-minute slot run it under `timeout 570`, which cuts the last steps.
+# The GPU measurements of the speed work, in priority order, each capped in time. The caps add up to 15.2
+# minutes: on a borrowed card's 10-minute slot run it under `timeout 570`, which cuts the last steps (run them
+# in a second, short call with STEPS if device time is left).
 #
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
 #     STEPS="graphs mosei" bash benchmarks/gpu_checks.sh [OUT]     # only the steps named (e.g. a second, short call)
@@ -9,9 +10,9 @@
 # 2. bench_train.py, MOSI shape, 5 timed passes each: baseline, fast (shipped: modalities joined along time, fusion
 #    feed-forward recomputed, BERT's layers with one query/key/value matmul, Linear weights cast once per optimizer
 #    step, bf16), fast-unfusedqkv (BERT through transformers' layers), fast-castperforward (autocast's casts at
-#    every forward pass, as shipped before), fast-noaddmmlt (DISABLE_ADDMM_CUDA_LT=1). The other variants (fast-bert32, fast-nocheckpoint,
-#    fast-stack-batch, fast-nostack) were measured on an H200 on 2026-11-27 (benchmarks/results/h200-2026-11-27);
-#    add them to the list to measure them again.
+#    every forward pass, as shipped before), fast-noaddmmlt (DISABLE_ADDMM_CUDA_LT=1). The other variants
+#    (fast-bert32, fast-nocheckpoint, fast-stack-batch, fast-nostack) were measured on an H200 on 2026-11-27
+#    (benchmarks/results/h200-2026-11-27); add them to the list to measure them again.
 # 3. bench_mmsa_run.py at MOSI's full split sizes (1,284 training samples): one end-to-end MMSA_run epoch,
 #    baseline against fast, and its phases (the training epoch's own ratio among them). At a quarter of them
 #    (H100, older code) the fixed costs, the same in both modes (building the model, reading the data, writing and
@@ -41,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...
     grep -v -e "Writing model shards" -e "Loading weights" "$out/$name.log" | tail -n 14
 }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/card.txt"
-step check_cuda 70 python benchmarks/check_cuda.py
+step check_cuda 90 python benchmarks/check_cuda.py
 step mosi 180 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-unfusedqkv fast-castperforward \
     fast-noaddmmlt --repeats 5 --timeout 45 --out "$out/mosi.json"
 step mmsa_run 130 python benchmarks/bench_mmsa_run.py --scale 1.0 --out "$out/mmsa_run"
