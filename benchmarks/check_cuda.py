@@ -24,7 +24,6 @@ largest per-tensor value):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -41,7 +40,7 @@ def run(model: EMTDLFR, batch, device: str, speed: SpeedConfig) -> tuple[dict, d
     """Losses and gradients of one batch, the weights cast as ``train_one_epoch`` casts them."""
     model.zero_grad(set_to_none=True)
     casts = speed.weight_casts(model)
-    with speed.autocast(device), (casts.applied(device) if casts is not None else contextlib.nullcontext()):
+    with speed.autocast(device), casts.applied(device):
         out = compute_loss(model, speed.prepare(batch, device), LossWeights())
     out.total.backward()
     terms = {k: v.detach().double().cpu() for k, v in out.terms.items()} | {"total": out.total.detach().double().cpu()}

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import tempfile
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def count_step(model, optimizer, speed, batch, weights, update_every: int = 4) -
 
             counter.phase = "forward"
             with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), speed.autocast("cpu"), \
-                    (casts.applied("cpu") if casts is not None else contextlib.nullcontext()):
+                    casts.applied("cpu"):
                 loss = compute_loss(model, batch, weights).total
             counter.phase = "backward"
             loss.backward()

@@ -369,9 +369,9 @@ def checked_test_loaders(args_list: Iterable[EasyDict], num_workers: int = 0) ->
     the next file or the end; each loader is still checked and built from its own args."""
     path, data = None, None
     for args in args_list:
-        if _feature_path(args) != path:
+        if (file := _feature_path(args)) != path:
             data = None  # the previous file's content released before the next one is read
-            path, data = _feature_path(args), _read_features(args)
+            path, data = file, _read_features(args)
         yield checked_test_loader(args, num_workers, data=data)
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,12 +146,12 @@ class SpeedConfig:
     def prepare_model(self, model: EMTDLFR) -> EMTDLFR:
         return compile_model(model) if self.compile else model
 
-    def weight_casts(self, model: torch.nn.Module) -> ReusedCasts | None:
-        """The low-precision weight copies one epoch or evaluation reuses (``nn.weight_casts``), or None: not
-        asked for, or compiled (Inductor fuses the casts into the graph)."""
+    def weight_casts(self, model: torch.nn.Module) -> ReusedCasts:
+        """The low-precision weight copies one epoch or evaluation reuses (``nn.weight_casts``); without slots,
+        which change nothing, when not asked for or compiled (Inductor fuses the casts into the graph)."""
         slots = getattr(model, "low_precision_slots", None)
         if not self.reuse_weight_casts or self.compile or slots is None:
-            return None
+            return ReusedCasts([])
         return ReusedCasts(slots())
 
 
@@ -231,15 +231,14 @@ def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: 
     with speed.float32_matmuls(device):
         for i, batch in enumerate(bar):
             batch = speed.prepare(batch, device)
-            with speed.autocast(device), _applied(casts, device):
+            with speed.autocast(device), casts.applied(device):
                 out = compute_loss(model, batch, weights)
             scaler.scale(out.total).backward()
             if (i + 1) % update_every == 0 or (n_batches is not None and i + 1 == n_batches):
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                if casts is not None:
-                    casts.refresh()  # the weights changed
+                casts.refresh()  # the weights changed
             if speed.sync_every_step:
                 out.total.item()
             total_loss += out.total.detach()
@@ -269,7 +268,7 @@ def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeigh
     with speed.float32_matmuls(device):
         for batch in _progress(batches, desc, progress):
             batch = speed.prepare(batch, device)
-            with speed.autocast(device), _applied(casts, device):
+            with speed.autocast(device), casts.applied(device):
                 out: LossOutput = compute_loss(model, batch, weights)
             if speed.sync_every_step:
                 out.total.item()
@@ -283,10 +282,6 @@ def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeigh
     if keep_features:
         result.features = {k: torch.cat([f[k] for f in feats]).float().cpu() for k in feats[0]}
     return result
-
-
-def _applied(casts: ReusedCasts | None, device: torch.device | str) -> AbstractContextManager:
-    return nullcontext() if casts is None else casts.applied(torch.device(device).type)
 
 
 def _epoch_result(total: Tensor, pred_loss: Tensor, n: int, preds: list[Tensor], labels: list[Tensor]) -> EpochResult:
@@ -337,13 +332,13 @@ class BestCheckpoint:
             return
         self.wait()  # the buffers are free again
         state = model.state_dict()
+        on_cuda = any(v.is_cuda for v in state.values())
         if self.held is None or self.held.keys() != state.keys():
-            pin = torch.cuda.is_available() and any(v.is_cuda for v in state.values())
-            self.held = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=pin) for k, v in state.items()}
+            self.held = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=on_cuda) for k, v in state.items()}
         for key, value in state.items():
             self.held[key].copy_(value.detach(), non_blocking=True)
         copied = None
-        if any(v.is_cuda for v in state.values()):
+        if on_cuda:
             copied = torch.cuda.Event()
             copied.record()  # after the copies, before the next optimizer step on this stream
         self._writer = threading.Thread(target=self._write, args=(copied,), name="checkpoint-writer")

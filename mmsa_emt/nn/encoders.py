@@ -20,7 +20,7 @@ from .dropout import Dropout, replace_dropouts
 from .fused_bert import fused_forward, unsupported
 from .sdpa import fused_backends
 from .transfer import to_device
-from .weight_casts import cast_linear_weights, substituted
+from .weight_casts import cast_linear_weights, linear_slots, substituted
 
 logger = logging.getLogger(__name__)
 READY_MADE_MASKS = int(transformers.__version__.split(".")[0]) >= 5  # 4-D masks are passed through as they are
@@ -61,8 +61,7 @@ class BertTextEncoder(nn.Module):
         if fused_qkv and why_not:
             logger.info(f"encoder_fused_qkv: '{pretrained}' keeps transformers' forward ({why_not})")
         self.fused_qkv = fused_qkv and not why_not
-        self._linears = [(module, kind) for module in self.bert.modules() if isinstance(module, nn.Linear)
-                         for kind in ("weight", "bias") if getattr(module, kind) is not None]
+        self._linears = linear_slots([self.bert])
         if getattr(self.bert, "pooler", None) is not None:
             self.bert.pooler.requires_grad_(False)
         if not finetune:

@@ -58,7 +58,7 @@ def cast_linear_weights(weights: list[Tensor], dtype: torch.dtype, *, marked: bo
     for a weight that requires grad; for one that does not, it expands the weight into a batched product (seen
     as 2x slower evaluation on this CPU).
     """
-    flat = torch.cat([w.reshape(-1) for w in weights]).to(dtype)  # (sum of sizes,)
+    flat = concatenated(weights, dtype)  # (sum of sizes,)
     if marked:
         flat.requires_grad_(True)  # a leaf here (no autograd): the views below require grad too
     return split_as(flat, weights)
@@ -100,6 +100,11 @@ class FlatGradients:
                     p.grad.add_(piece)
 
 
+def concatenated(weights: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The tensors flattened, concatenated and cast to ``dtype``: (sum of sizes,)."""
+    return torch.cat([w.reshape(-1) for w in weights]).to(dtype)
+
+
 def split_as(flat: Tensor, tensors: list[Tensor]) -> list[Tensor]:
     """Views of ``flat`` with the sizes and shapes of ``tensors``, in order."""
     pieces = flat.split_with_sizes([t.numel() for t in tensors])
@@ -113,7 +118,7 @@ class _CastTogether(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sink: FlatGradients, dtype: torch.dtype, *weights: Tensor) -> Tensor:
         ctx.sink, ctx.inputs = sink, len(weights)
-        return torch.cat([w.reshape(-1) for w in weights]).to(dtype)
+        return concatenated(weights, dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -130,7 +135,7 @@ class ReusedCasts:
     ``loss.backward()``; ``torch.autograd.grad`` would not see them), until ``refresh``. A group's gradients are
     concatenated once all of them are computed, so its bf16 gradients wait until then: groups of a layer's size
     keep that transient small (one group for a whole bert-base model raised the CPU's peak RSS by 0.4 GiB).
-    Without autocast, ``applied`` changes nothing.
+    Without autocast, or without slots, ``applied`` changes nothing.
     """
 
     def __init__(self, slots: list[Slot], *, group_size: int = 2**23) -> None:
@@ -143,7 +148,8 @@ class ReusedCasts:
         self.copies = self.made_for = None
 
     @contextmanager
-    def applied(self, device_type: str) -> Iterator[None]:
+    def applied(self, device: torch.device | str) -> Iterator[None]:
+        device_type = torch.device(device).type
         if not self.slots or not torch.is_autocast_enabled(device_type):
             yield
             return
