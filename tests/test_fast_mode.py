@@ -3,9 +3,23 @@
 import pytest
 import torch
 from conftest import random_batch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmsa_emt import EMTDLFR, LossWeights, compute_loss
 from mmsa_emt.trainer import SpeedConfig
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the ATen operations run inside it, views left out (they launch nothing): ``with OpCount() as ops``,
+    then ``ops.n``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not func.is_view
+        return func(*args, **(kwargs or {}))
 
 
 def losses_and_grads(model, batch):
@@ -285,25 +299,15 @@ def test_casting_bert_weights_once_gives_autocasts_values_and_gradients(tiny_con
     the output and every gradient of autocast's per-weight casts (same seed, dropout on), in far fewer operations
     (counted with transformers' forward; with fused_qkv, in the test below); with checkpoint_encoder it is off (a
     recomputed layer would see the float32 weights)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += not func.is_view  # views launch nothing
-            return func(*args, **(kwargs or {}))
-
     text, results = random_batch(3).text, []
     for cast_once in (False, True):
         torch.manual_seed(0)
         model = EMTDLFR(tiny_config(encoder_cast_once=cast_once, encoder_fused_qkv=False)).train()
-        Count.n = 0
-        with Count(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with OpCount() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
             tokens = model.text_encoder(text)
             tokens.float().square().sum().backward()
         grads = {n: p.grad for n, p in model.text_encoder.named_parameters() if p.grad is not None}
-        results.append((tokens, grads, Count.n))
+        results.append((tokens, grads, ops.n))
     (tokens_each, grads_each, ops_each), (tokens_once, grads_once, ops_once) = results
     assert torch.equal(tokens_once, tokens_each)
     assert grads_once.keys() == grads_each.keys() and len(grads_once) > 20
@@ -396,21 +400,12 @@ def test_bert_gets_a_ready_made_mask_without_the_host_sync(tiny_config, monkeypa
 
 def encoder_run(encoder, text: torch.Tensor, seed: int, autocast: bool = False):
     """Output, every gradient (loss: sum of squares) and the non-view operation count of one training pass."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += not func.is_view
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(seed)
     encoder.zero_grad(set_to_none=True)
-    with Count(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with OpCount() as ops, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         tokens = encoder(text)
         tokens.float().square().sum().backward()
-    return tokens, {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}, Count.n
+    return tokens, {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}, ops.n
 
 
 @pytest.mark.parametrize("case", ["fp64", "fp32", "bf16", "bf16-cast-once", "eval"])
@@ -546,8 +541,6 @@ def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
     one operation; if a ``.grad`` is not one of its views (zeros left by the optimizer) it adds per parameter.
     Either way each gradient is the float32 sum of the passes', as autograd's accumulation makes it. A training
     group of 2 batches then launches far fewer operations than autocast's casts and accumulation."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from mmsa_emt.nn.weight_casts import FlatGradients, ReusedCasts
     from mmsa_emt.trainer import OptimConfig, build_optimizer, train_one_epoch
 
@@ -567,23 +560,15 @@ def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
     assert params[0].grad._base is None
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), expected, rtol=0, atol=0)
 
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += not func.is_view
-            return func(*args, **(kwargs or {}))
-
     counts = []
     for reuse in (False, True):
         model = EMTDLFR(tiny_config())
         optimizer = build_optimizer(model, OptimConfig())
         speed = SpeedConfig(precision="bf16", reuse_weight_casts=reuse)
-        Count.n = 0
-        with Count():
+        with OpCount() as ops:
             train_one_epoch(model, [random_batch(3, seed=i) for i in range(2)], optimizer, LossWeights(),
                             update_every=2, progress=False, speed=speed)
-        counts.append(Count.n)
+        counts.append(ops.n)
     slots = len(ReusedCasts(model.low_precision_slots()).slots)
     # per batch: a weight cast forward and a gradient cast backward per slot; an accumulation per slot in batch 2
     assert counts[0] - counts[1] >= 4 * slots
