@@ -23,7 +23,7 @@ from .nn.dropout import Dropout
 from .nn.emt import EMT
 from .nn.encoders import BertTextEncoder, SequenceEncoder, length_mask
 from .nn.transfer import to_device
-from .nn.weight_casts import linear_slots
+from .nn.weight_casts import linear_slots, norm_slots
 from .objective import DualLevelRestoration
 from .registry import register_model
 
@@ -206,6 +206,12 @@ class EMTDLFR(nn.Module):
         float32 = self.text_encoder if "text" in self.modalities and not self.config.encoder_autocast else None
         kept = set() if float32 is None else set(float32.modules())
         return [(module, attr) for module, attr in linear_slots([self]) if module not in kept]
+
+    def gathered_slots(self) -> list[tuple[nn.Module, str]]:
+        """The float32 parameters whose gradients ``nn.weight_casts.ReusedCasts`` accumulates in flat buffers
+        with the Linear weights': those of the LayerNorms, BatchNorms and small embeddings (not BERT's vocabulary
+        table, not the LSTMs')."""
+        return norm_slots([self])
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (shared parameters counted once), as in the authors' code."""

@@ -147,12 +147,13 @@ class SpeedConfig:
         return compile_model(model) if self.compile else model
 
     def weight_casts(self, model: torch.nn.Module) -> ReusedCasts:
-        """The low-precision weight copies one epoch or evaluation reuses (``nn.weight_casts``); without slots,
-        which change nothing, when not asked for or compiled (Inductor fuses the casts into the graph)."""
+        """The low-precision weight copies one epoch or evaluation reuses (``nn.weight_casts``), with the norms'
+        float32 parameters gathered for their gradients; without slots, which change nothing, when not asked for or
+        compiled (Inductor fuses the casts into the graph)."""
         slots = getattr(model, "low_precision_slots", None)
         if not self.reuse_weight_casts or self.compile or slots is None:
             return ReusedCasts([])
-        return ReusedCasts(slots())
+        return ReusedCasts(slots(), gathered=model.gathered_slots())  # with the float32 norms' gradients
 
 
 def compile_model(model: EMTDLFR, *, backend: str = "inductor") -> EMTDLFR:

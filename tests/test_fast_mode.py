@@ -601,3 +601,48 @@ def test_reused_casts_in_groups_give_autocasts_gradients(tiny_config, group_size
     assert grads[1].keys() == grads[0].keys()
     for name, grad in grads[0].items():
         assert torch.equal(grads[1][name], grad), name
+
+
+def test_norm_parameters_accumulate_their_gradients_in_flat_buffers(tiny_config):
+    """Every trainable parameter is either a Linear slot or gathered (the LayerNorms', BatchNorms' and embeddings'),
+    except the LSTMs' and an embedding table above ``largest``. In training, within ``applied``, the model reads
+    float32 views of one concatenation per group, and after two accumulated mini-batches their ``.grad`` are views of
+    one flat buffer holding autograd's own sums, bit for bit, with fewer operations; under no_grad (evaluation)
+    the parameters themselves are read."""
+    from mmsa_emt.nn.weight_casts import ReusedCasts, norm_slots
+
+    torch.manual_seed(0)
+    model = EMTDLFR(tiny_config(ff_dropout=0.1)).train()
+    gathered = model.gathered_slots()
+    assert {type(m) for m, _ in gathered} == {torch.nn.LayerNorm, torch.nn.BatchNorm1d, torch.nn.Embedding}
+    slotted = {id(getattr(m, a)) for m, a in model.low_precision_slots() + gathered}
+    lstms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LSTM) for p in m.parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable - slotted == lstms
+    words = model.text_encoder.bert.embeddings.word_embeddings
+    assert (words, "weight") in gathered
+    assert (words, "weight") not in norm_slots([model], largest=words.weight.numel() - 1)
+
+    norm = next(m for m, _ in gathered if isinstance(m, torch.nn.LayerNorm))
+    batches = [random_batch(3, seed=i) for i in range(2)]
+    grads, counts = [], []
+    for gather in ([], gathered):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        casts = ReusedCasts(model.low_precision_slots(), gathered=gather)
+        with OpCount() as ops:
+            for batch in batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
+                    assert (norm.weight.grad_fn is not None) == bool(gather)
+                    loss = compute_loss(model, batch, LossWeights()).total
+                loss.backward()
+        counts.append(ops.n)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    flat = {id(getattr(m, a).grad._base) for m, a in gathered}
+    assert len(flat) == 1 and None not in {getattr(m, a).grad._base for m, a in gathered}
+    assert grads[1].keys() == grads[0].keys()
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad), name
+    assert counts[0] - counts[1] >= len(gathered) - 4  # an add_ per parameter in batch 2, against a few per group
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
+        assert isinstance(norm.weight, torch.nn.Parameter)

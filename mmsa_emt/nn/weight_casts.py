@@ -9,6 +9,11 @@ the trainer calls after each optimizer step. The gradients flow back through the
 float32 buffer per group (``FlatGradients``): one kernel per group and backward pass. The rounding and the float32
 additions are autocast's and autograd's, so the values and gradients are the same, bit for bit.
 
+The small float32 parameters around them (LayerNorm, BatchNorm, small embeddings: ~70 in a bert-base model) need no
+cast, but autograd accumulates each of their gradients on its own (an ``add_`` each, mini-batches 2 to 4 of an
+accumulation group). ``ReusedCasts`` gathers them too (``gathered``): float32 views of one concatenation per group,
+their gradients added to one flat buffer, the same float32 sums.
+
 The trainer (``trainer.SpeedConfig.reuse_weight_casts``) keeps one ``ReusedCasts`` per epoch or evaluation only:
 nothing outside its loop can change the weights while the copies are in use. (Parameter version counters cannot
 tell: a fused Adam step does not bump them.)
@@ -29,6 +34,18 @@ def linear_slots(modules: list[nn.Module]) -> list[Slot]:
     """The weight and bias slots of every ``nn.Linear`` inside ``modules`` (each once)."""
     linears = dict.fromkeys(m for module in modules for m in module.modules() if isinstance(m, nn.Linear))
     return [(m, kind) for m in linears for kind in ("weight", "bias") if getattr(m, kind) is not None]
+
+
+GATHERED_KINDS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)  # they read ``self.weight`` per call
+
+
+def norm_slots(modules: list[nn.Module], *, largest: int = 2**20) -> list[Slot]:
+    """The weight and bias slots of every LayerNorm, BatchNorm and Embedding inside ``modules`` (each once) with at
+    most ``largest`` elements: a vocabulary's embedding table (bert-base: 23 M) is left out, a copy of it would
+    cost memory for one ``add_``. (An LSTM keeps its own list of its weights: swapping them would not reach it.)"""
+    kinds = dict.fromkeys(m for module in modules for m in module.modules() if isinstance(m, GATHERED_KINDS))
+    return [(m, kind) for m in kinds for kind in ("weight", "bias")
+            if isinstance(getattr(m, kind, None), nn.Parameter) and getattr(m, kind).numel() <= largest]
 
 
 @contextmanager
@@ -83,11 +100,12 @@ class FlatGradients:
         self.views: list[Tensor] = []
 
     def accumulate(self, grad: Tensor) -> None:
-        """grad: (sum of sizes,) in the low precision, as the concatenation of the cast made it."""
+        """grad: (sum of sizes,) in the dtype of the concatenation (low precision; float32 for gathered ones)."""
         if self.flat is not None and all(p.grad is v for p, v in zip(self.params, self.views)):
             self.flat.add_(grad)  # float32 += low precision, one kernel
         elif all(p.grad is None for p in self.params):
-            self.flat = grad.to(self.params[0].dtype)  # a new tensor
+            # a new tensor (grad, if already float32: the concatenation split_as's backward made, not shared)
+            self.flat = grad.to(self.params[0].dtype)
             self.views = split_as(self.flat, self.params)
             for p, view in zip(self.params, self.views):
                 p.grad = view
@@ -131,6 +149,9 @@ class ReusedCasts:
     ``refresh``. Trainable and frozen weights are cast apart (no gradient is computed for frozen ones), per device
     and dtype, and in consecutive groups of at most ``group_size`` elements (a bert-base layer is ~7 M).
 
+    ``gathered``: slots read in their own dtype (``norm_slots``); in training their trainable parameters are
+    replaced by views of one concatenation per group, for the flat gradient buffer; otherwise left alone.
+
     The trainable copies' gradients reach the parameters' ``.grad`` through ``FlatGradients`` (in
     ``loss.backward()``; ``torch.autograd.grad`` would not see them), until ``refresh``. A group's gradients are
     concatenated once all of them are computed, so its bf16 gradients wait until then: groups of a layer's size
@@ -138,8 +159,9 @@ class ReusedCasts:
     Without autocast, or without slots, ``applied`` changes nothing.
     """
 
-    def __init__(self, slots: list[Slot], *, group_size: int = 2**23) -> None:
-        self.slots, self.group_size = slots, group_size
+    def __init__(self, slots: list[Slot], *, gathered: list[Slot] = (), group_size: int = 2**23) -> None:
+        self.slots, self.group_size = list(slots) + list(gathered), group_size
+        self.cast = [True] * len(slots) + [False] * len(gathered)  # per slot: to autocast's dtype, or kept
         self.copies: list[Tensor] | None = None
         self.made_for: tuple | None = None  # (dtype, grad enabled) of the copies held
 
@@ -161,19 +183,22 @@ class ReusedCasts:
 
     def _cast(self, dtype: torch.dtype) -> list[Tensor]:
         weights = [getattr(module, attr) for module, attr in self.slots]
+        training = torch.is_grad_enabled()
         kinds: dict[tuple, list[int]] = {}
-        for i, w in enumerate(weights):
-            if w.dtype != torch.float64:  # autocast leaves float64 alone
-                kinds.setdefault((w.requires_grad, w.device, w.dtype), []).append(i)
+        for i, (w, cast) in enumerate(zip(weights, self.cast)):
+            if w.dtype == torch.float64:  # autocast leaves float64 alone
+                continue
+            if cast or (training and w.requires_grad):  # gathered: only for their gradients
+                kinds.setdefault((w.requires_grad, w.device, w.dtype, dtype if cast else w.dtype), []).append(i)
         copies = list(weights)
-        for (trainable, _, _), of_kind in kinds.items():
+        for (trainable, _, _, target), of_kind in kinds.items():
             for members in self._consecutive_groups(of_kind, weights):
                 group = [weights[i] for i in members]
-                if trainable and torch.is_grad_enabled():
-                    cast = split_as(_CastTogether.apply(FlatGradients(group), dtype, *group), group)
+                if trainable and training:
+                    cast = split_as(_CastTogether.apply(FlatGradients(group), target, *group), group)
                 else:  # no gradient computed for these copies
                     with torch.no_grad():
-                        cast = cast_linear_weights(group, dtype, marked=trainable)
+                        cast = cast_linear_weights(group, target, marked=trainable)
                 for i, copy in zip(members, cast):
                     copies[i] = copy
         return copies
