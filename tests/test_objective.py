@@ -117,3 +117,25 @@ def test_both_views_through_the_heads_at_once_equal_two_calls(tiny_config, train
     for (name, a), b in zip(heads.named_buffers(), twin.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)  # running stats: view c, then view i
     assert heads.predictors["vision"].net[1].num_batches_tracked.item() == (2 if training else 0)
+
+
+def test_attraction_losses_of_all_heads_at_once_are_each_heads_own():
+    """``stacked_attraction_losses``: heads of different widths, zero-padded and stacked, give each head's
+    ``stacked_attraction_loss`` and the same gradients (float64; z detached as SimSiam's stop-gradient)."""
+    from mmsa_emt.objective import stacked_attraction_loss, stacked_attraction_losses
+
+    g = torch.Generator().manual_seed(0)
+    widths = [6, 2, 9, 9]
+    p = [torch.randn(8, w, generator=g, dtype=torch.float64, requires_grad=True) for w in widths]
+    z = [torch.randn(8, w, generator=g, dtype=torch.float64) * (k + 1) for k, w in enumerate(widths)]
+    together = stacked_attraction_losses(p, z)
+    assert together.shape == (len(widths),)
+    weights = torch.arange(1.0, 5.0, dtype=torch.float64)
+    (weights @ together).backward()
+    grads = [t.grad.clone() for t in p]
+    for k, (p_k, z_k) in enumerate(zip(p, z)):
+        p_k.grad = None
+        alone = stacked_attraction_loss(p_k, z_k)
+        torch.testing.assert_close(together[k], alone, rtol=1e-12, atol=1e-12)
+        (weights[k] * alone).backward()
+        torch.testing.assert_close(grads[k], p_k.grad, rtol=1e-12, atol=1e-12)
