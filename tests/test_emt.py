@@ -240,3 +240,43 @@ def test_feed_forward_checkpointing_recomputes_and_changes_nothing():
     torch.testing.assert_close(g2, g1, rtol=1e-10, atol=1e-12)
     for name, grad in p1.items():
         torch.testing.assert_close(p2[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("lengths", [((10, 4, 1), (7, 7, 2), (5, 3, 5)), ((6,), (1,), (3,)), ((4, 4), (4, 4), (4, 4))])
+@pytest.mark.parametrize("case", ["train", "eval", "bf16"])
+def test_joined_fusion_makes_each_mask_additive_once_and_computes_the_same(lengths, case):
+    """Fused attention joined along time: each key mask is made an additive bias once per forward (0 / -inf in the
+    queries' dtype, rows 8-aligned), not by PyTorch at each attention call using it. Outputs and gradients are
+    those of the boolean masks bit for bit: in training (the CPU's chunked dropout kernel, same seed), in
+    evaluation (SDPA) and under bf16 autocast, for unequal lengths, a frame run shared with the context's unmasked
+    self-attention, and equal lengths (one stacked run); and it launches fewer operations."""
+    from test_fast_mode import OpCount
+
+    torch.manual_seed(0)
+    emt = EMT(16, depth=2, heads=4, attn_dropout=0.3, stack_modalities="time").train(case == "train")
+    context, local, masks = inputs(b=len(lengths[0]), lengths=lengths)
+    results = []
+    for additive in (False, True):
+        emt.fused = additive  # the attention stays fused either way; only the masks' conversion changes
+        emt.zero_grad(set_to_none=True)
+        x = [t.clone().requires_grad_() for t in (context, *local)]
+        torch.manual_seed(1)
+        with OpCount() as ops, torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16"):
+            c, promoted = emt(x[0], x[1:], masks)
+            loss = (c.float() ** 2).sum() + sum((h.float() * torch.randn_like(h.float())).sum() for h in promoted)
+        loss.backward()
+        results.append(([c, *promoted, *(t.grad for t in x), *(p.grad for p in emt.parameters())], ops.n))
+    (plain, n_plain), (biased, n_biased) = results
+    for a, b in zip(biased, plain):
+        assert torch.equal(a, b)
+    assert n_biased < n_plain
+
+
+def test_additive_mask_rows_are_aligned_for_the_memory_efficient_kernel():
+    from mmsa_emt.nn.sdpa import additive_mask
+
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    bias = additive_mask(mask[:, None, None, :], torch.bfloat16)
+    assert bias.shape == (2, 1, 1, 3) and bias.dtype == torch.bfloat16
+    assert all(stride % 8 == 0 for stride in bias.stride()[:-1]) and bias.stride(-1) == 1
+    assert bias[..., 0].eq(0).all() and torch.isneginf(bias[1, ..., 1:]).all() and bias[0, ..., 1] == 0

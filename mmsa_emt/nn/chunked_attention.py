@@ -94,7 +94,8 @@ def chunked_dropout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor 
     """Scaled dot-product attention with dropout on the attention weights, chunked and recomputed.
 
     q (b, h, i, e), k and v (b, h, j, e); key_mask (b, 1, 1, j) or None, True at valid keys (each query needs
-    one); 0 <= p < 1. ``seed`` fixes the dropout mask (default: drawn from torch's generator). Returns (b, h, i, e).
+    one), or an additive bias (0 there, -inf at the others); 0 <= p < 1. ``seed`` fixes the dropout mask (default:
+    drawn from torch's generator). Returns (b, h, i, e).
     """
     if not 0.0 <= p < 1.0:
         raise ValueError(f"attention dropout must be in [0, 1), got {p}")
@@ -102,9 +103,12 @@ def chunked_dropout_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor 
     j = k.shape[2]
     if seed is None:
         seed = draw_seed()
-    bias = torch.zeros(b, 1, 1, j, dtype=q.dtype, device=q.device)
-    if key_mask is not None:
-        bias = bias.masked_fill(~key_mask, torch.finfo(q.dtype).min)
+    if key_mask is not None and key_mask.is_floating_point():  # already additive (sdpa.additive_mask)
+        bias = key_mask.to(q.dtype)
+    else:
+        bias = torch.zeros(b, 1, 1, j, dtype=q.dtype, device=q.device)
+        if key_mask is not None:
+            bias = bias.masked_fill(~key_mask, torch.finfo(q.dtype).min)
     bias = bias.expand(b, h, 1, j).reshape(b * h, 1, j)  # (n, 1, j)
     flat = [x.reshape(b * h, -1, e) for x in (q, k, v)]  # (n, i|j, e)
     out = _ChunkedDropoutAttention.apply(*flat, bias, float(p), seed)

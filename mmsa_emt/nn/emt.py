@@ -24,11 +24,13 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunked_attention import chunked_dropout_attention
 from .dropout import Dropout
-from .sdpa import fused_backends
+from .sdpa import additive_mask, fused_backends
 
 STACKINGS = (None, "time", "batch")  # EMT's ways to run all modalities in one call (None: one call each)
 Segments = tuple[Sequence[int], Sequence[int]]  # (query lengths, key lengths) of sequences joined along time
-KeyMask = Tensor | Sequence[Tensor | None] | None  # (b, t_k) True at valid keys; or one per key segment
+# (b, t_k) True at valid keys; or one per key segment, each None (all valid), such a mask, or (fused attention) its
+# additive bias (b, 1, 1, t_k) made by ``sdpa.additive_mask``
+KeyMask = Tensor | Sequence[Tensor | None] | None
 POOL_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid}
 
 
@@ -72,8 +74,9 @@ class Attention(nn.Module):
             for (n, _, _), qr, kr, vr, mr in zip(runs, q_runs, k_runs, v_runs, run_masks(key_mask, runs)):
                 stack = lambda t, n=n: rearrange(t, "b h (s i) e -> (s b) h i e", s=n)  # noqa: E731
                 out = self._attend(stack(qr), stack(kr), stack(vr), mr)  # (n b, h, i, d/h)
-                outs.append(rearrange(out, "(s b) h i e -> b h (s i) e", s=n))
-            out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (b, h, t_q, d/h)
+                outs.append(rearrange(out, "(s b) h i e -> b (s i) h e", s=n))
+            # joined heads-last: the fused kernels write (b, i, h, e), so the heads merge below without a copy
+            out = rearrange(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0], "b i h e -> b h i e")
         return self.to_out(rearrange(out, "b h i e -> b i (h e)"))  # (b, t_q, d)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -86,7 +89,9 @@ class Attention(nn.Module):
             with sdpa_kernel(fused_backends(q.device)):
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         scores = torch.einsum("bhie,bhje->bhij", q, k) / math.sqrt(q.shape[-1])  # explicit, as the authors
-        if mask is not None:
+        if mask is not None and mask.is_floating_point():  # an additive bias
+            scores = scores + mask
+        elif mask is not None:
             scores = scores.masked_fill(~mask, -torch.finfo(scores.dtype).max)
         return F.dropout(scores.softmax(dim=-1), dropout, self.training) @ v
 
@@ -94,7 +99,7 @@ class Attention(nn.Module):
 def run_masks(key_mask: KeyMask, runs: Sequence[tuple[int, int, int]]) -> list[Tensor | None]:
     """The key mask of each run of ``segment_runs``, (n b, 1, 1, j) with the segments stacked along the batch as the
     queries are, from the joined mask (b, sum of n j) or from one mask per key segment (None: all keys valid; a
-    run whose segments are all such gets None)."""
+    run whose segments are all such gets None; additive biases (b, 1, 1, j) give additive biases)."""
     if key_mask is None:
         return [None] * len(runs)
     if isinstance(key_mask, Tensor):
@@ -103,15 +108,17 @@ def run_masks(key_mask: KeyMask, runs: Sequence[tuple[int, int, int]]) -> list[T
     if len(key_mask) != sum(n for n, _, _ in runs):
         raise ValueError(f"{len(key_mask)} key masks for {sum(n for n, _, _ in runs)} key segments")
     masks, start = [], 0
-    for n, _, j in runs:
+    for n, _, _ in runs:
         group, start = key_mask[start:start + n], start + n
         given = [m for m in group if m is not None]
         if not given:
             masks.append(None)
             continue
-        ones = given[0].new_ones(given[0].shape[0], j) if len(given) < n else None
-        stacked = given[0] if n == 1 else torch.cat([ones if m is None else m for m in group])  # (n b, j)
-        masks.append(stacked[:, None, None, :])  # (n b, 1, 1, j)
+        additive = given[0].dim() == 4  # (b, 1, 1, j): 0 at valid keys; else (b, j): True there
+        valid = None if len(given) == n else \
+            given[0].new_zeros(given[0].shape) if additive else given[0].new_ones(given[0].shape)
+        stacked = given[0] if n == 1 else torch.cat([valid if m is None else m for m in group])  # (n b, [1, 1,] j)
+        masks.append(stacked if additive else stacked[:, None, None, :])  # (n b, 1, 1, j)
     return masks
 
 
@@ -279,6 +286,7 @@ class EMT(nn.Module):
         if stack_modalities not in STACKINGS:
             raise ValueError(f"stack_modalities={stack_modalities!r}: choose one of {STACKINGS}")
         self.stack_modalities = stack_modalities if modality_share else None
+        self.fused = fused
         self.pos_emb = PositionalEmbedding(dim, max_len=max_seq_len, learnable=learnable_pos_emb, dropout=emb_dropout)
         mpu = HalfMPU(dim, heads=heads, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
                       ff_expansion=ff_expansion, fused=fused, checkpoint_ff=checkpoint_ff)
@@ -308,6 +316,11 @@ class EMT(nn.Module):
             context = pool(torch.stack(promoted, dim=1))  # (b, k, m, d) -> (b, m, d)
         return context, local
 
+    def _query_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype of the attention's queries for input x: autocast's within autocast, else the weights'."""
+        kind, weights = x.device.type, self.pools[0].score[0].weight
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weights.dtype
+
     def _forward_stacked(self, context: Tensor, local: list[Tensor], masks: Sequence[Tensor]
                          ) -> tuple[Tensor, list[Tensor]]:
         """``forward`` with the modalities stacked along the batch (one shared HalfMPU serves them all)."""
@@ -332,6 +345,8 @@ class EMT(nn.Module):
         """
         k, m, steps = len(local), context.shape[1], [x.shape[1] for x in local]
         h = torch.cat(local, dim=1)  # (b, T, d); T = sum of t_k
+        if self.fused:  # each mask made additive once, not by PyTorch in each of the 2 x depth calls using it
+            masks = [additive_mask(mask[:, None, None, :], self._query_dtype(h)) for mask in masks]  # (b, 1, 1, t_k)
         # one key mask per segment; G's keys are all valid, so attention to them runs unmasked (None)
         x_mask, context_mask = [None] * k + list(masks), [*masks, None]  # keys [G_1..G_k, H_1..H_k], [H_1..H_k, G]
         cross = ([m] * k + [sum(steps)], [*steps, m])  # G_k attends to H_k; all of H attends to G

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel
 
 from .dropout import Dropout, replace_dropouts
 from .fused_bert import fused_forward, unsupported
-from .sdpa import fused_backends
+from .sdpa import additive_mask, fused_backends
 from .transfer import to_device
 from .weight_casts import cast_linear_weights, linear_slots, substituted
 
@@ -83,10 +83,7 @@ class BertTextEncoder(nn.Module):
         CUDA. Other encoders and attention implementations get the 2-D mask as before."""
         if self.fused_qkv or (READY_MADE_MASKS and isinstance(self.bert, transformers.BertModel)
                               and getattr(self.bert.config, "_attn_implementation", None) == "sdpa"):
-            b, length = mask.shape
-            aligned = -(-length // 8) * 8  # rows 8-aligned, as CUDA's memory-efficient kernel wants: no copy per call
-            bias = torch.zeros(b, 1, 1, aligned, dtype=dtype, device=mask.device)[..., :length]  # (b, 1, 1, l)
-            return bias.masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
+            return additive_mask(mask[:, None, None, :], dtype)  # (b, 1, 1, l)
         return mask
 
     def attention_dtype(self, kind: str) -> torch.dtype:
