@@ -217,9 +217,9 @@ def compute_loss(model: EMTDLFR, batch: TwoViewBatch, weights: LossWeights) -> L
     vectors = {"context": (complete.context, incomplete.context),
                **{m: (complete.utterance[m], incomplete.utterance[m]) for m in complete.utterance}}
     # both views through each head at once, BatchNorm per view: (2b, D) complete rows, then incomplete
-    z, p = zip(*(heads.simsiam(name, torch.cat([x_c, x_i]), views=2) for name, (x_c, x_i) in vectors.items()))
-    attraction_terms = stacked_attraction_losses(p, z)  # (heads,): every head's Eq. 13 at once
-    terms.update({f"attract_{name}": attraction_terms[k] for k, name in enumerate(vectors)})
+    zs, ps = zip(*(heads.simsiam(name, torch.cat([x_c, x_i]), views=2) for name, (x_c, x_i) in vectors.items()))
+    attraction_terms = stacked_attraction_losses(ps, zs)  # (heads,): every head's Eq. 13 at once
+    terms.update({f"attract_{name}": attraction_terms[k] for k, name in enumerate(vectors)})  # views, for logging
 
     targets = {"audio": batch.audio, "vision": batch.vision}
     if complete.text_tokens is not None:
@@ -230,7 +230,7 @@ def compute_loss(model: EMTDLFR, batch: TwoViewBatch, weights: LossWeights) -> L
         terms[f"recon_{m}"] = masked_reconstruction_loss(
             heads.reconstructors[m](z), targets[m][:, :steps], dropped[m][:, :steps], weights.recon_kind)
 
-    attraction = sum(v for k, v in terms.items() if k.startswith("attract_")) + terms["pred_complete"]
+    attraction = attraction_terms.sum() + terms["pred_complete"]  # summed as one tensor: no backward per term
     reconstruction = sum(v for k, v in terms.items() if k.startswith("recon_"))
     total = terms["pred_incomplete"] + weights.attraction * attraction + weights.reconstruction * reconstruction
     return LossOutput(total=total, terms=terms, pred=incomplete.pred.reshape(-1),
