@@ -53,8 +53,11 @@ def bert_layer(layer: nn.Module, x: Tensor, bias: Tensor) -> Tensor:
     attention, out = layer.attention.self, layer.attention.output
     weight = torch.cat([attention.query.weight, attention.key.weight, attention.value.weight])  # (3e, e)
     qkv_bias = torch.cat([attention.query.bias, attention.key.bias, attention.value.bias])  # (3e,)
-    q, k, v = rearrange(F.linear(x, weight, qkv_bias), "b l (three h d) -> three b h l d",
-                        three=3, h=attention.num_attention_heads)  # 3 x (b, h, l, d), views
+    qkv = rearrange(F.linear(x, weight, qkv_bias), "b l (three h d) -> b l three h d", three=3,
+                    h=attention.num_attention_heads)  # a view
+    # unbound along its own axis: the backward stacks the three gradients back into (b, l, 3, h, d), which reads as
+    # (b, l, 3e) without a copy (unbound along a leading axis, it needs a stack, a copy and a view per layer)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # 3 x (b, h, l, d), views
     heads = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
                                            dropout_p=attention.dropout.p if attention.training else 0.0,
                                            scale=getattr(attention, "scaling", None))  # (b, h, l, d)
