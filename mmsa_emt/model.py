@@ -86,6 +86,12 @@ class ViewOutput:
     local: dict[str, Tensor]  # promoted local sequences Z_m: (b, t_m, d)
     text_tokens: Tensor | None  # BERT features of the tokens after [CLS]: (b, l-1, e); None without text
 
+    def halves(self) -> tuple[ViewOutput, ViewOutput]:
+        """The two views of a pass over both stacked along the batch (``EMTDLFR.forward_views``): its first and
+        second half of the rows."""
+        b = self.pred.shape[0] // 2
+        return self.half(slice(0, b)), self.half(slice(b, 2 * b))
+
     def half(self, rows: slice) -> ViewOutput:
         """The samples ``rows`` of a pass over stacked views."""
         return ViewOutput(pred=self.pred[rows], utterance={k: v[rows] for k, v in self.utterance.items()},
@@ -183,14 +189,13 @@ class EMTDLFR(nn.Module):
                           text_tokens=encoded["text"][1] if "text" in encoded else None)
 
     def forward_views(self, text: Tensor, text_m: Tensor, audio: Tensor, audio_m: Tensor, vision: Tensor,
-                      vision_m: Tensor, audio_lengths: Tensor, vision_lengths: Tensor) -> tuple[ViewOutput, ViewOutput]:
-        """Both views in one pass, stacked along the batch: every layer here works per sample, so this is the
-        same computation as two ``forward_view`` calls (the BatchNorm heads of DLFR run per view, outside)."""
-        b = text.shape[0]
-        both = self.forward_view(torch.cat([text, text_m]), torch.cat([audio, audio_m]),
+                      vision_m: Tensor, audio_lengths: Tensor, vision_lengths: Tensor) -> ViewOutput:
+        """Both views in one pass, stacked along the batch (rows: complete, then incomplete; ``halves`` splits
+        them): every layer here works per sample, so this is the same computation as two ``forward_view`` calls
+        (the BatchNorm heads of DLFR run per view, outside)."""
+        return self.forward_view(torch.cat([text, text_m]), torch.cat([audio, audio_m]),
                                  torch.cat([vision, vision_m]), torch.cat([audio_lengths, audio_lengths]),
                                  torch.cat([vision_lengths, vision_lengths]))  # (2b, ...)
-        return both.half(slice(0, b)), both.half(slice(b, 2 * b))
 
     def forward(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor | None = None,
                 vision_lengths: Tensor | None = None) -> dict[str, Tensor]:

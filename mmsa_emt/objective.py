@@ -201,23 +201,24 @@ def compute_loss(model: EMTDLFR, batch: TwoViewBatch, weights: LossWeights) -> L
         raise ValueError("a training batch of one sample: DLFR's SimSiam heads use BatchNorm, which needs at least "
                          "2 samples per training batch (drop the last batch or change batch_size)")
     if model.config.fused_views:  # one pass over both views stacked along the batch
-        complete, incomplete = model.forward_views(batch.text, batch.text_m, batch.audio, batch.audio_m,
-                                                   batch.vision, batch.vision_m, batch.audio_lengths,
-                                                   batch.vision_lengths)
+        both = model.forward_views(batch.text, batch.text_m, batch.audio, batch.audio_m, batch.vision,
+                                   batch.vision_m, batch.audio_lengths, batch.vision_lengths)
+        complete, incomplete = both.halves()
+        vectors = {"context": both.context, **both.utterance}  # (2b, D): complete rows, then incomplete
     else:  # two passes, as the authors
         complete = model.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths,
                                       batch.vision_lengths)
         incomplete = model.forward_view(batch.text_m, batch.audio_m, batch.vision_m, batch.audio_lengths,
                                         batch.vision_lengths)
+        vectors = {"context": torch.cat([complete.context, incomplete.context]),
+                   **{m: torch.cat([complete.utterance[m], incomplete.utterance[m]]) for m in complete.utterance}}
     heads = model.restoration
     labels = batch.labels.reshape(-1)
     terms = {"pred_incomplete": F.l1_loss(incomplete.pred.reshape(-1), labels),
              "pred_complete": F.l1_loss(complete.pred.reshape(-1), labels)}
 
-    vectors = {"context": (complete.context, incomplete.context),
-               **{m: (complete.utterance[m], incomplete.utterance[m]) for m in complete.utterance}}
-    # both views through each head at once, BatchNorm per view: (2b, D) complete rows, then incomplete
-    zs, ps = zip(*(heads.simsiam(name, torch.cat([x_c, x_i]), views=2) for name, (x_c, x_i) in vectors.items()))
+    # both views through each head at once, BatchNorm per view
+    zs, ps = zip(*(heads.simsiam(name, x, views=2) for name, x in vectors.items()))
     attraction_terms = stacked_attraction_losses(ps, zs)  # (heads,): every head's Eq. 13 at once
     terms.update({f"attract_{name}": attraction_terms[k] for k, name in enumerate(vectors)})  # views, for logging
 
@@ -225,10 +226,10 @@ def compute_loss(model: EMTDLFR, batch: TwoViewBatch, weights: LossWeights) -> L
     if complete.text_tokens is not None:
         targets["text"] = complete.text_tokens.detach()
     dropped = {"text": batch.text_dropped[:, 1:], "audio": batch.audio_dropped, "vision": batch.vision_dropped}
-    for m, z in incomplete.local.items():
-        steps = z.shape[1]  # text: l-1 tokens after [CLS]; audio/vision: longest length in the batch
+    for m, promoted in incomplete.local.items():
+        steps = promoted.shape[1]  # text: l-1 tokens after [CLS]; audio/vision: longest length in the batch
         terms[f"recon_{m}"] = masked_reconstruction_loss(
-            heads.reconstructors[m](z), targets[m][:, :steps], dropped[m][:, :steps], weights.recon_kind)
+            heads.reconstructors[m](promoted), targets[m][:, :steps], dropped[m][:, :steps], weights.recon_kind)
 
     attraction = attraction_terms.sum() + terms["pred_complete"]  # summed as one tensor: no backward per term
     reconstruction = sum(v for k, v in terms.items() if k.startswith("recon_"))
