@@ -356,7 +356,7 @@ class EMT(nn.Module):
             if to_local is to_context:  # [G_1..G_k, H] <- [H_1..H_k, G] in one call: (b, k m + T, d)
                 x = to_local(torch.cat([g, h], dim=1), torch.cat([h, context], dim=1), x_mask=x_mask,
                              context_mask=context_mask, cross_segments=cross, x_segments=[m] * k + steps)
-                promoted, h = x[:, : k * m], x[:, k * m:]
+                promoted, h = x.split([k * m, x.shape[1] - k * m], dim=1)  # its backward: one cat, not 2 slices
             else:
                 promoted = to_context(g, h, context_mask=list(masks), cross_segments=([m] * k, steps),
                                       x_segments=[m] * k)  # G_k for every k: (b, k m, d)
