@@ -212,6 +212,11 @@ class EMTDLFR(nn.Module):
         kept = set() if float32 is None else set(float32.modules())
         return [(module, attr) for module, attr in linear_slots([self]) if module not in kept]
 
+    def joined_slots(self) -> list[list[tuple[nn.Module, str]]]:
+        """Families of Linear slots a layer reads as one tensor (BERT's query/key/value weights and biases, with
+        ``encoder_fused_qkv``): ``nn.weight_casts.ReusedCasts`` casts each side by side."""
+        return self.text_encoder.joined_slots() if "text" in self.modalities else []
+
     def gathered_slots(self) -> list[tuple[nn.Module, str]]:
         """The float32 parameters whose gradients ``nn.weight_casts.ReusedCasts`` accumulates in flat buffers
         with the Linear weights': those of the LayerNorms, BatchNorms and small embeddings (not BERT's vocabulary

@@ -153,7 +153,7 @@ class SpeedConfig:
         slots = getattr(model, "low_precision_slots", None)
         if not self.reuse_weight_casts or self.compile or slots is None:
             return ReusedCasts([])
-        return ReusedCasts(slots(), gathered=model.gathered_slots())  # with the float32 norms' gradients
+        return ReusedCasts(slots(), gathered=model.gathered_slots(), joined=model.joined_slots())
 
 
 def compile_model(model: EMTDLFR, *, backend: str = "inductor") -> EMTDLFR:

@@ -576,9 +576,9 @@ def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
 
 @pytest.mark.parametrize("group_size", [64, 2**23])
 def test_reused_casts_in_groups_give_autocasts_gradients(tiny_config, group_size):
-    """Cast in consecutive groups (64 elements: dozens of groups; 2**23: one) the gradients of two accumulated
-    mini-batches are those of autocast's casts and autograd's accumulation, bit for bit, and the copies are
-    views of as many flat tensors as there are groups."""
+    """Cast in consecutive groups (64 elements: dozens of groups, BERT's query/key/value families kept whole;
+    2**23: one) the gradients of two accumulated mini-batches are those of autocast's casts and autograd's
+    accumulation, bit for bit, and the copies are views of as many flat tensors as there are groups."""
     from mmsa_emt.nn.weight_casts import ReusedCasts
 
     batches = [random_batch(3, seed=i) for i in range(2)]
@@ -586,7 +586,7 @@ def test_reused_casts_in_groups_give_autocasts_gradients(tiny_config, group_size
     for reuse in (False, True):
         torch.manual_seed(0)
         model = EMTDLFR(tiny_config(attn_dropout=0.2)).train()
-        casts = ReusedCasts(model.low_precision_slots(), group_size=group_size)
+        casts = ReusedCasts(model.low_precision_slots(), joined=model.joined_slots(), group_size=group_size)
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 if reuse:
@@ -646,3 +646,34 @@ def test_norm_parameters_accumulate_their_gradients_in_flat_buffers(tiny_config)
     assert counts[0] - counts[1] >= len(gathered) - 4  # an add_ per parameter in batch 2, against a few per group
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
         assert isinstance(norm.weight, torch.nn.Parameter)
+
+
+def test_fused_bert_reads_each_layers_query_key_value_as_one_cast_piece(tiny_config):
+    """With ``reuse_weight_casts`` each fused BERT layer's query/key/value weights, and their biases, are cast side
+    by side: within ``applied`` ``joined`` hands out that piece, with no operation, for training and evaluation
+    copies alike, also when the families are larger than a group; outside it, or for tensors that are not such a
+    family in order, it concatenates. (Training through the pieces gives autocast's values and gradients bit for
+    bit: the tests above run the fused encoder.)"""
+    from mmsa_emt.nn.weight_casts import ReusedCasts, joined
+
+    model = EMTDLFR(tiny_config()).train()
+    families = model.joined_slots()
+    assert len(families) == 2 * model.text_encoder.bert.config.num_hidden_layers  # weights and biases per layer
+    assert EMTDLFR(tiny_config(encoder_fused_qkv=False)).joined_slots() == []
+    for group_size in (64, 2**23):
+        casts = ReusedCasts(model.low_precision_slots(), joined=families, group_size=group_size)
+        for training in (True, False):
+            with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16), \
+                    casts.applied("cpu"):
+                for family in families:
+                    tensors = [getattr(module, attr) for module, attr in family]
+                    with OpCount() as ops:
+                        rows = joined(tensors)
+                    assert ops.n == 0 and rows.dtype == torch.bfloat16 and torch.equal(rows, torch.cat(tensors))
+                    with OpCount() as ops:
+                        joined(tensors[::-1])
+                    assert ops.n == 1
+            casts.refresh()
+    with OpCount() as ops:
+        joined([getattr(module, attr) for module, attr in families[0]])
+    assert ops.n == 1

@@ -17,10 +17,10 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from transformers import AutoConfig, AutoModel
 
 from .dropout import Dropout, replace_dropouts
-from .fused_bert import fused_forward, unsupported
+from .fused_bert import fused_forward, joined_slots, unsupported
 from .sdpa import additive_mask, fused_backends
 from .transfer import to_device
-from .weight_casts import cast_linear_weights, linear_slots, substituted
+from .weight_casts import Slot, cast_linear_weights, linear_slots, substituted
 
 logger = logging.getLogger(__name__)
 READY_MADE_MASKS = int(transformers.__version__.split(".")[0]) >= 5  # 4-D masks are passed through as they are
@@ -73,6 +73,10 @@ class BertTextEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.bert.config.hidden_size
+
+    def joined_slots(self) -> list[list[Slot]]:
+        """The weight families the fused layers read as one tensor (none with transformers' forward)."""
+        return joined_slots(self.bert) if self.fused_qkv else []
 
     def attention_mask(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
         """(b, l) 0/1 padding mask -> what BERT is given. For a BertModel with SDPA attention (transformers >= 5,

@@ -14,6 +14,10 @@ cast, but autograd accumulates each of their gradients on its own (an ``add_`` e
 accumulation group). ``ReusedCasts`` gathers them too (``gathered``): float32 views of one concatenation per group,
 their gradients added to one flat buffer, the same float32 sums.
 
+Weights that a layer reads as one tensor (``joined`` families: BERT's query, key and value weights, and their
+biases, for ``nn.fused_bert``) are cast side by side as one piece, which ``joined`` hands out within ``applied``:
+no concatenation at every forward pass, and no second copy of them kept for the backward pass.
+
 The trainer (``trainer.SpeedConfig.reuse_weight_casts``) keeps one ``ReusedCasts`` per epoch or evaluation only:
 nothing outside its loop can change the weights while the copies are in use. (Parameter version counters cannot
 tell: a fused Adam step does not bump them.)
@@ -23,11 +27,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor, nn
 
 Slot = tuple[nn.Module, str]  # (module, parameter name), e.g. (linear, "weight")
+# within ReusedCasts.applied: id of a joined family's first copy -> (the family's piece, ids of all its copies)
+_PIECES: ContextVar[dict[int, tuple[Tensor, list[int]]] | None] = ContextVar("reused_cast_pieces", default=None)
+
+
+def joined(tensors: list[Tensor]) -> Tensor:
+    """The tensors concatenated along dim 0. Copies that ``ReusedCasts`` cast side by side as one piece (a
+    ``joined`` family, in order) are that piece: no concatenation, no extra copy."""
+    pieces = None if torch.compiler.is_compiling() else _PIECES.get()
+    piece = None if pieces is None else pieces.get(id(tensors[0]))
+    if piece is not None and piece[1] == [id(t) for t in tensors]:
+        return piece[0]
+    return torch.cat(tensors)
 
 
 def linear_slots(modules: list[nn.Module]) -> list[Slot]:
@@ -151,6 +168,8 @@ class ReusedCasts:
 
     ``gathered``: slots read in their own dtype (``norm_slots``); in training their trainable parameters are
     replaced by views of one concatenation per group, for the flat gradient buffer; otherwise left alone.
+    ``joined``: families of slots (e.g. a layer's query, key and value weights) cast side by side, in one group,
+    as one piece that ``joined`` returns (its rows stacked; the members' copies are views of it).
 
     The trainable copies' gradients reach the parameters' ``.grad`` through ``FlatGradients`` (in
     ``loss.backward()``; ``torch.autograd.grad`` would not see them), until ``refresh``. A group's gradients are
@@ -159,15 +178,27 @@ class ReusedCasts:
     Without autocast, or without slots, ``applied`` changes nothing.
     """
 
-    def __init__(self, slots: list[Slot], *, gathered: list[Slot] = (), group_size: int = 2**23) -> None:
-        self.slots, self.group_size = list(slots) + list(gathered), group_size
-        self.cast = [True] * len(slots) + [False] * len(gathered)  # per slot: to autocast's dtype, or kept
+    def __init__(self, slots: list[Slot], *, gathered: list[Slot] = (), joined: list[list[Slot]] = (),
+                 group_size: int = 2**23) -> None:
+        present = set(slots)
+        families = [family for family in joined if len(family) > 1 and all(slot in present for slot in family)]
+        of_family = {slot: k for k, family in enumerate(families) for slot in family}
+        ordered: list[Slot] = []  # each family's slots together, in its order, where its first one was
+        for slot in slots:
+            if slot not in ordered:
+                ordered += families[of_family[slot]] if slot in of_family else [slot]
+        self.slots, self.group_size = ordered + list(gathered), group_size
+        self.cast = [True] * len(ordered) + [False] * len(gathered)  # per slot: to autocast's dtype, or kept
+        self.family = [of_family.get(slot) for slot in self.slots]  # per slot: its joined family, or None
+        self.family_size = [len(family) for family in families]
+        self.pieces: dict[int, tuple[Tensor, list[int]]] = {}
         self.copies: list[Tensor] | None = None
         self.made_for: tuple | None = None  # (dtype, grad enabled) of the copies held
 
     def refresh(self) -> None:
         """The weights changed (an optimizer step): the next ``applied`` casts them again."""
         self.copies = self.made_for = None
+        self.pieces = {}
 
     @contextmanager
     def applied(self, device: torch.device | str) -> Iterator[None]:
@@ -178,10 +209,15 @@ class ReusedCasts:
         made_for = (torch.get_autocast_dtype(device_type), torch.is_grad_enabled())
         if made_for != self.made_for:  # copies made under no_grad carry no gradient back: remade for training
             self.copies, self.made_for = self._cast(made_for[0]), made_for
-        with substituted(self.slots, self.copies):
-            yield
+        pieces = _PIECES.set(self.pieces)
+        try:
+            with substituted(self.slots, self.copies):
+                yield
+        finally:
+            _PIECES.reset(pieces)
 
     def _cast(self, dtype: torch.dtype) -> list[Tensor]:
+        self.pieces = {}
         weights = [getattr(module, attr) for module, attr in self.slots]
         training = torch.is_grad_enabled()
         kinds: dict[tuple, list[int]] = {}
@@ -195,18 +231,47 @@ class ReusedCasts:
             for members in self._consecutive_groups(of_kind, weights):
                 group = [weights[i] for i in members]
                 if trainable and training:
-                    cast = split_as(_CastTogether.apply(FlatGradients(group), target, *group), group)
+                    flat = _CastTogether.apply(FlatGradients(group), target, *group)
                 else:  # no gradient computed for these copies
                     with torch.no_grad():
-                        cast = cast_linear_weights(group, target, marked=trainable)
-                for i, copy in zip(members, cast):
-                    copies[i] = copy
+                        flat = concatenated(group, target)
+                    flat.requires_grad_(trainable)  # marked as in cast_linear_weights
+                pieces = self._pieces(members, weights)
+                sizes = [sum(weights[i].numel() for i in of_piece) for of_piece in pieces]
+                for piece, of_piece in zip(flat.split_with_sizes(sizes), pieces):
+                    if len(of_piece) == 1:
+                        copies[of_piece[0]] = piece.view(weights[of_piece[0]].shape)
+                        continue
+                    family = split_as(piece, [weights[i] for i in of_piece])  # read one by one elsewhere
+                    for i, copy in zip(of_piece, family):
+                        copies[i] = copy
+                    rows = piece.view(-1, *weights[of_piece[0]].shape[1:])  # the family's rows stacked
+                    self.pieces[id(family[0])] = (rows, [id(c) for c in family])
         return copies
 
+    def _pieces(self, members: list[int], weights: list[Tensor]) -> list[list[int]]:
+        """``members`` (consecutive slots of a group) cut into pieces: each whole joined family whose members have
+        one trailing shape, one piece; every other slot, one of its own."""
+        pieces, i = [], 0
+        while i < len(members):
+            family, j = self.family[members[i]], i + 1
+            if family is not None:
+                while j < len(members) and self.family[members[j]] == family:
+                    j += 1
+                trailing = {weights[k].shape[1:] for k in members[i:j]}
+                if j - i != self.family_size[family] or len(trailing) != 1:
+                    j = i + 1
+            pieces.append(members[i:j])
+            i = j
+        return pieces
+
     def _consecutive_groups(self, members: list[int], weights: list[Tensor]) -> Iterator[list[int]]:
+        """Consecutive runs of ``members`` of at most ``group_size`` elements (more where a joined family would be
+        cut)."""
         group, size = [], 0
         for i in members:
-            if group and size + weights[i].numel() > self.group_size:
+            within_family = group and self.family[i] is not None and self.family[i] == self.family[group[-1]]
+            if group and not within_family and size + weights[i].numel() > self.group_size:
                 yield group
                 group, size = [], 0
             group.append(i)
