@@ -670,6 +670,7 @@ def test_fused_bert_reads_each_layers_query_key_value_as_one_cast_piece(tiny_con
                     with OpCount() as ops:
                         rows = joined(tensors)
                     assert ops.n == 0 and rows.dtype == torch.bfloat16 and torch.equal(rows, torch.cat(tensors))
+                    assert rows.requires_grad  # evaluation copies too: matmul folds batches only for such weights
                     with OpCount() as ops:
                         joined(tensors[::-1])
                     assert ops.n == 1
