@@ -280,3 +280,13 @@ def test_additive_mask_rows_are_aligned_for_the_memory_efficient_kernel():
     assert bias.shape == (2, 1, 1, 3) and bias.dtype == torch.bfloat16
     assert all(stride % 8 == 0 for stride in bias.stride()[:-1]) and bias.stride(-1) == 1
     assert bias[..., 0].eq(0).all() and torch.isneginf(bias[1, ..., 1:]).all() and bias[0, ..., 1] == 0
+
+
+def test_joined_fusion_in_float64_runs_under_autocast():
+    """Autocast leaves float64 alone, so the additive masks are made in float64 too (a bf16 mask would be refused
+    by the attention next to float64 queries)."""
+    emt = EMT(16, depth=1, heads=4, stack_modalities="time").double().eval()
+    context, local, masks = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, promoted = emt(context.double(), [x.double() for x in local], masks)
+    assert out.dtype == torch.float64 and all(h.dtype == torch.float64 for h in promoted)

@@ -317,9 +317,12 @@ class EMT(nn.Module):
         return context, local
 
     def _query_dtype(self, x: Tensor) -> torch.dtype:
-        """The dtype of the attention's queries for input x: autocast's within autocast, else the weights'."""
+        """The dtype of the attention's queries for input x: autocast's within autocast (which leaves float64
+        alone), else the weights'."""
         kind, weights = x.device.type, self.pools[0].score[0].weight
-        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weights.dtype
+        if torch.is_autocast_enabled(kind) and weights.dtype != torch.float64:
+            return torch.get_autocast_dtype(kind)
+        return weights.dtype
 
     def _forward_stacked(self, context: Tensor, local: list[Tensor], masks: Sequence[Tensor]
                          ) -> tuple[Tensor, list[Tensor]]:
