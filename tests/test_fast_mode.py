@@ -622,6 +622,7 @@ def test_norm_parameters_accumulate_their_gradients_in_flat_buffers(tiny_config)
     words = model.text_encoder.bert.embeddings.word_embeddings
     assert (words, "weight") in gathered
     assert (words, "weight") not in norm_slots([model], largest=words.weight.numel() - 1)
+    assert norm_slots([torch.nn.Embedding(5, 3, max_norm=1.0)]) == []  # renormalised in place: not a copy's job
 
     norm = next(m for m, _ in gathered if isinstance(m, torch.nn.LayerNorm))
     batches = [random_batch(3, seed=i) for i in range(2)]

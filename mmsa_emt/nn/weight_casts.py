@@ -59,8 +59,10 @@ GATHERED_KINDS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.Embedding)  
 def norm_slots(modules: list[nn.Module], *, largest: int = 2**20) -> list[Slot]:
     """The weight and bias slots of every LayerNorm, BatchNorm and Embedding inside ``modules`` (each once) with at
     most ``largest`` elements: a vocabulary's embedding table (bert-base: 23 M) is left out, a copy of it would
-    cost memory for one ``add_``. (An LSTM keeps its own list of its weights: swapping them would not reach it.)"""
-    kinds = dict.fromkeys(m for module in modules for m in module.modules() if isinstance(m, GATHERED_KINDS))
+    cost memory for one ``add_``; so is an Embedding with ``max_norm``, which renormalises its table in place. (An
+    LSTM keeps its own list of its weights: swapping them would not reach it.)"""
+    kinds = dict.fromkeys(m for module in modules for m in module.modules()
+                          if isinstance(m, GATHERED_KINDS) and getattr(m, "max_norm", None) is None)
     return [(m, kind) for m in kinds for kind in ("weight", "bias")
             if isinstance(getattr(m, kind, None), nn.Parameter) and getattr(m, kind).numel() <= largest]
 
