@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: a hub name must fail fast, not retry
@@ -105,3 +106,16 @@ def run_dirs(tmp_path: Path) -> dict[str, Path]:
 
 
 __all__ = ["FEATURE_FILES", "REPO", "mmsa_emt", "random_batch", "run_dirs"]
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the ATen operations run inside it, views left out (they launch nothing): ``with OpCount() as ops``,
+    then ``ops.n``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += not func.is_view
+        return func(*args, **(kwargs or {}))

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import OpCount
 
 from mmsa_emt.nn.emt import EMT, PositionalEmbedding, segment_runs
 
@@ -250,8 +251,6 @@ def test_joined_fusion_makes_each_mask_additive_once_and_computes_the_same(lengt
     those of the boolean masks bit for bit: in training (the CPU's chunked dropout kernel, same seed), in
     evaluation (SDPA) and under bf16 autocast, for unequal lengths, a frame run shared with the context's unmasked
     self-attention, and equal lengths (one stacked run); and it launches fewer operations."""
-    from test_fast_mode import OpCount
-
     torch.manual_seed(0)
     emt = EMT(16, depth=2, heads=4, attn_dropout=0.3, stack_modalities="time").train(case == "train")
     context, local, masks = inputs(b=len(lengths[0]), lengths=lengths)

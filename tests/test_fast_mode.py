@@ -2,24 +2,10 @@
 
 import pytest
 import torch
-from conftest import random_batch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import OpCount, random_batch
 
 from mmsa_emt import EMTDLFR, LossWeights, compute_loss
 from mmsa_emt.trainer import SpeedConfig
-
-
-class OpCount(TorchDispatchMode):
-    """Counts the ATen operations run inside it, views left out (they launch nothing): ``with OpCount() as ops``,
-    then ``ops.n``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += not func.is_view
-        return func(*args, **(kwargs or {}))
 
 
 def losses_and_grads(model, batch):
