@@ -82,22 +82,14 @@ def substituted(slots: list[Slot], tensors: list[Tensor]) -> Iterator[None]:
             module._parameters[attr] = parameter
 
 
-def cast_linear_weights(weights: list[Tensor], dtype: torch.dtype, *, marked: bool = False) -> list[Tensor]:
+def cast_linear_weights(weights: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     """The tensors cast to ``dtype`` through one concatenation: views of one low-precision copy.
 
     Autocast casts each Linear's weight and bias on its own (a kernel each, forward and backward); here the cast
     is one concatenation and one conversion, and the backward one concatenation of the gradients and one
     conversion back. The rounding is the same, so are the values and the gradients.
-
-    ``marked`` (for a cast made without autograd, e.g. for an evaluation): the copy is flagged as requiring grad,
-    as the parameters are. PyTorch's matmul folds a batch of non-contiguous inputs into one matrix product only
-    for a weight that requires grad; for one that does not, it expands the weight into a batched product (seen
-    as 2x slower evaluation on this CPU).
     """
-    flat = concatenated(weights, dtype)  # (sum of sizes,)
-    if marked:
-        flat.requires_grad_(True)  # a leaf here (no autograd): the views below require grad too
-    return split_as(flat, weights)
+    return split_as(concatenated(weights, dtype), weights)
 
 
 class FlatGradients:
@@ -137,9 +129,16 @@ class FlatGradients:
                     p.grad.add_(piece)
 
 
-def concatenated(weights: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """The tensors flattened, concatenated and cast to ``dtype``: (sum of sizes,)."""
-    return torch.cat([w.reshape(-1) for w in weights]).to(dtype)
+def concatenated(weights: list[Tensor], dtype: torch.dtype, *, marked: bool = False) -> Tensor:
+    """The tensors flattened, concatenated and cast to ``dtype``: (sum of sizes,).
+
+    ``marked`` (for a copy made without autograd, e.g. for an evaluation): the copy is flagged as requiring grad,
+    as the parameters are. PyTorch's matmul folds a batch of non-contiguous inputs into one matrix product only
+    for a weight that requires grad; for one that does not, it expands the weight into a batched product (seen
+    as 2x slower evaluation on this CPU).
+    """
+    flat = torch.cat([w.reshape(-1) for w in weights]).to(dtype)
+    return flat.requires_grad_(True) if marked else flat  # a leaf without autograd: its views require grad too
 
 
 def split_as(flat: Tensor, tensors: list[Tensor]) -> list[Tensor]:
@@ -236,8 +235,7 @@ class ReusedCasts:
                     flat = _CastTogether.apply(FlatGradients(group), target, *group)
                 else:  # no gradient computed for these copies
                     with torch.no_grad():
-                        flat = concatenated(group, target)
-                    flat.requires_grad_(trainable)  # marked as in cast_linear_weights
+                        flat = concatenated(group, target, marked=trainable)
                 pieces = self._pieces(members, weights)
                 sizes = [sum(weights[i].numel() for i in of_piece) for of_piece in pieces]
                 for piece, of_piece in zip(flat.split_with_sizes(sizes), pieces):
