@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .chunked_attention import chunked_dropout_attention
 from .dropout import Dropout
-from .sdpa import additive_mask, fused_backends
+from .sdpa import additive_mask, fused_backends, query_dtype
 
 STACKINGS = (None, "time", "batch")  # EMT's ways to run all modalities in one call (None: one call each)
 Segments = tuple[Sequence[int], Sequence[int]]  # (query lengths, key lengths) of sequences joined along time
@@ -316,14 +316,6 @@ class EMT(nn.Module):
             context = pool(torch.stack(promoted, dim=1))  # (b, k, m, d) -> (b, m, d)
         return context, local
 
-    def _query_dtype(self, x: Tensor) -> torch.dtype:
-        """The dtype of the attention's queries for input x: autocast's within autocast (which leaves float64
-        alone), else the weights'."""
-        kind, weights = x.device.type, self.pools[0].score[0].weight
-        if torch.is_autocast_enabled(kind) and weights.dtype != torch.float64:
-            return torch.get_autocast_dtype(kind)
-        return weights.dtype
-
     def _forward_stacked(self, context: Tensor, local: list[Tensor], masks: Sequence[Tensor]
                          ) -> tuple[Tensor, list[Tensor]]:
         """``forward`` with the modalities stacked along the batch (one shared HalfMPU serves them all)."""
@@ -349,7 +341,8 @@ class EMT(nn.Module):
         k, m, steps = len(local), context.shape[1], [x.shape[1] for x in local]
         h = torch.cat(local, dim=1)  # (b, T, d); T = sum of t_k
         if self.fused:  # each mask made additive once, not by PyTorch in each of the 2 x depth calls using it
-            masks = [additive_mask(mask[:, None, None, :], self._query_dtype(h)) for mask in masks]  # (b, 1, 1, t_k)
+            dtype = query_dtype(self.layers[0][0][0].cross_attn.to_q.weight)
+            masks = [additive_mask(mask[:, None, None, :], dtype) for mask in masks]  # (b, 1, 1, t_k)
         # one key mask per segment; G's keys are all valid, so attention to them runs unmasked (None)
         x_mask, context_mask = [None] * k + list(masks), [*masks, None]  # keys [G_1..G_k, H_1..H_k], [H_1..H_k, G]
         cross = ([m] * k + [sum(steps)], [*steps, m])  # G_k attends to H_k; all of H attends to G

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModel
 
 from .dropout import Dropout, replace_dropouts
 from .fused_bert import fused_forward, joined_slots, unsupported
-from .sdpa import additive_mask, fused_backends
+from .sdpa import additive_mask, fused_backends, query_dtype
 from .transfer import to_device
 from .weight_casts import Slot, cast_linear_weights, linear_slots, substituted
 
@@ -90,18 +90,15 @@ class BertTextEncoder(nn.Module):
             return additive_mask(mask[:, None, None, :], dtype)  # (b, 1, 1, l)
         return mask
 
-    def attention_dtype(self, kind: str) -> torch.dtype:
-        """The dtype of BERT's queries: autocast's for float32 weights under autocast (unless BERT is kept out of
-        it), else the weights'. SDPA on CUDA wants a float mask of exactly this dtype."""
-        weights = self.bert.get_input_embeddings().weight.dtype
-        if self.autocast and torch.is_autocast_enabled(kind) and weights == torch.float32:
-            return torch.get_autocast_dtype(kind)
-        return weights
+    def attention_dtype(self) -> torch.dtype:
+        """The dtype of BERT's queries (``sdpa.query_dtype``; its weights' when BERT is kept out of autocast)."""
+        weight = self.bert.get_input_embeddings().weight
+        return query_dtype(weight) if self.autocast else weight.dtype
 
     def forward(self, text: Tensor) -> Tensor:
         ids, mask, segments = text[:, 0].long(), text[:, 1].long(), text[:, 2].long()  # 3 x (b, l)
         kind = text.device.type
-        inputs = {"input_ids": ids, "attention_mask": self.attention_mask(mask, self.attention_dtype(kind)),
+        inputs = {"input_ids": ids, "attention_mask": self.attention_mask(mask, self.attention_dtype()),
                   "token_type_ids": segments}
         in_float32 = torch.autocast(kind, enabled=False) if not self.autocast else nullcontext()
         # BERT's SDPA attention picks among the fusion's kernels; not when its layers are recomputed in backward,

@@ -25,6 +25,15 @@ def fused_backends(device: torch.device) -> list[SDPBackend]:
     return [backend for backend, on in enabled.items() if on]
 
 
+def query_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype of attention queries projected by ``weight`` here: autocast's within autocast on its device (which
+    leaves float64 alone), else the weight's. A float mask must have exactly this dtype for CUDA's fused kernels."""
+    kind = weight.device.type
+    if torch.is_autocast_enabled(kind) and weight.dtype != torch.float64:
+        return torch.get_autocast_dtype(kind)
+    return weight.dtype
+
+
 def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A key mask (..., j), nonzero/True at valid keys, as the additive bias PyTorch's attention makes of a boolean
     mask at every call: 0 at valid keys, -inf at the others, in the queries' ``dtype``. Made once and passed to
