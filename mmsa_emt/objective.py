@@ -87,8 +87,8 @@ class DualLevelRestoration(nn.Module):
 
 
 def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
-    """-cos(p, z) averaged over the batch; z is expected detached."""
-    return -F.cosine_similarity(p, z, dim=1).mean()
+    """-cos(p, z) averaged over the batch: p, z (..., b, D) -> (...); z is expected detached."""
+    return -F.cosine_similarity(p, z, dim=-1).mean(dim=-1)
 
 
 def attraction_loss(p_complete: Tensor, z_complete: Tensor, p_incomplete: Tensor, z_incomplete: Tensor) -> Tensor:
@@ -111,7 +111,7 @@ def stacked_attraction_losses(p: Sequence[Tensor], z: Sequence[Tensor]) -> Tenso
     padded = [torch.stack([t if t.shape[1] == widest else F.pad(t, (0, widest - t.shape[1])) for t in ts])
               for ts in (p, z)]  # 2 x (K, 2b, D)
     p_all, z_all = padded
-    return -F.cosine_similarity(p_all, z_all.roll(z_all.shape[1] // 2, dims=1), dim=2).mean(dim=1)  # (K,)
+    return negative_cosine(p_all, z_all.roll(z_all.shape[1] // 2, dims=1))  # (K,)
 
 
 def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "SmoothL1Loss") -> Tensor:
