@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed work, in priority order, each capped in time. The caps add up to 15.5
-# minutes: on a borrowed card's 10-minute slot run it under `timeout 570`, which cuts the last steps (run them
+# minutes: on a borrowed card's 10-minute slot run it under `timeout 555`, which cuts the last steps (run them
 # in a second, short call with STEPS if device time is left).
 #
 #     bash benchmarks/gpu_checks.sh [OUT]        # OUT: where logs and JSON go (default saved_results/gpu_checks)
