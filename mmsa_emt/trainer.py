@@ -25,6 +25,7 @@ from .model import EMTDLFR
 from .nn.weight_casts import ReusedCasts
 from .objective import LossOutput, LossWeights, TwoViewBatch, compute_loss
 
+_log = logging.getLogger(__name__)
 MetricFn = Callable[[Tensor, Tensor], dict[str, float]]
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layernorm.weight", "layernorm.bias")
 
@@ -156,27 +157,46 @@ class SpeedConfig:
         return ReusedCasts(slots(), gathered=model.gathered_slots(), joined=model.joined_slots())
 
 
-def compile_model(model: EMTDLFR, *, backend: str = "inductor") -> EMTDLFR:
+def compile_model(model: EMTDLFR, *, backend: str | Callable = "inductor") -> EMTDLFR:
     """Compiles, in place, the parts made of many small kernels: the text encoder and the EMT fusion.
 
     Shapes are marked dynamic (trimmed batches vary in length), the LSTMs stay eager (one cuDNN/oneDNN call), the
     state dict keeps its keys. Compilation happens on the first batches, so the first steps are slow. Python
     floats (LayerNorm's eps) are traced as constants: traced as inputs, the fusion's shared layers recomputed by
-    ``checkpoint_fusion`` at several call sites crash TorchDynamo (pytorch/pytorch#193194).
+    ``checkpoint_fusion`` at several call sites crash TorchDynamo (pytorch/pytorch#193194). A part whose compiler
+    backend fails runs eagerly from then on, with a warning (``_compiled_or_eager``).
     """
     for part in ("text_encoder", "emt"):
         module = getattr(model, part, None)
         if module is not None:
-            module.forward = _floats_as_constants(torch.compile(module.forward, dynamic=True, backend=backend))
+            module.forward = _compiled_or_eager(module.forward, part, backend)
     return model
 
 
-def _floats_as_constants(compiled: Callable) -> Callable:
-    """``compiled``, traced (at its first calls) with TorchDynamo's ``specialize_float`` on, only for itself."""
-    @functools.wraps(compiled)
+def _compiled_or_eager(forward: Callable, part: str, backend: str | Callable) -> Callable:
+    """``forward`` through ``torch.compile``, traced with TorchDynamo's ``specialize_float`` on, only for itself.
+
+    If the compiler backend fails (Inductor on an H200 with PyTorch 2.11 stopped in its partitioner on the shipped
+    CUDA config: benchmarks/results/h200-2026-11-28), the part runs eagerly from then on and a warning names it and
+    the error: the same numbers without the speed-up, not a run lost minutes in. Only that exception is caught;
+    errors of the model itself propagate as they would eagerly."""
+    compiled = torch.compile(forward, dynamic=True, backend=backend)
+    eager = False
+
+    @functools.wraps(forward)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with torch._dynamo.config.patch(specialize_float=True):
-            return compiled(*args, **kwargs)
+        nonlocal eager
+        if not eager:
+            try:
+                with torch._dynamo.config.patch(specialize_float=True):
+                    return compiled(*args, **kwargs)
+            except torch._dynamo.exc.BackendCompilerFailed as error:
+                eager = True
+                inner = error.inner_exception
+                _log.warning("compile: torch.compile's backend %r failed on %s (%s: %s); %s runs eagerly from now "
+                             "on (compile: false skips compiling)", error.backend_name, part,
+                             type(inner).__name__, inner, part)
+        return forward(*args, **kwargs)
 
     return call
 

@@ -665,3 +665,30 @@ def test_fused_bert_reads_each_layers_query_key_value_as_one_cast_piece(tiny_con
     with OpCount() as ops:
         joined([getattr(module, attr) for module, attr in families[0]])
     assert ops.n == 1
+
+
+def test_a_failing_compiler_backend_falls_back_to_eager_with_a_warning(tiny_config, caplog):
+    """``compile: true`` where the compiler backend fails (Inductor did, on an H200 with PyTorch 2.11): the part
+    runs eagerly with one warning that names it and the backend's error, gives the eager numbers, and is not
+    compiled again at the next call."""
+    from mmsa_emt.trainer import compile_model
+
+    tries = []
+
+    def failing(graph: torch.fx.GraphModule, example_inputs):
+        tries.append(graph)
+        raise AssertionError("Node slice_1 was invalid, but is output")  # the H200's error, planted
+
+    torch.manual_seed(0)
+    config = tiny_config(stack_modalities="time", checkpoint_fusion=True, modalities=("audio", "vision"))
+    eager, compiled = EMTDLFR(config).train(), EMTDLFR(config).train()
+    compiled.load_state_dict(eager.state_dict())
+    compile_model(compiled, backend=failing)
+    batch = padded_batch(8, torch.float32)
+    with caplog.at_level("WARNING", logger="mmsa_emt.trainer"):
+        assert_same_losses_and_grads(eager, compiled, batch, losses=(1e-6, 1e-7), grads=(1e-6, 1e-7))
+        compute_loss(compiled, batch, LossWeights()).total.backward()
+    warnings = [r.getMessage() for r in caplog.records if "runs eagerly" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "on emt" in warnings[0] and "AssertionError: Node slice_1 was invalid" in warnings[0], warnings
+    assert len(tries) == 1, "a part whose backend failed was compiled again"
