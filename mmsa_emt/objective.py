@@ -96,17 +96,12 @@ def attraction_loss(p_complete: Tensor, z_complete: Tensor, p_incomplete: Tensor
     return 0.5 * (negative_cosine(p_incomplete, z_complete) + negative_cosine(p_complete, z_incomplete))
 
 
-def stacked_attraction_loss(p: Tensor, z: Tensor) -> Tensor:
-    """Eq. 13 with the views stacked, p and z (2b, D) = [complete; incomplete]: each view's p against the other
-    view's z. Both halves have b rows, so the mean over all 2b is the average of the two D terms."""
-    return negative_cosine(p, z.roll(z.shape[0] // 2, dims=0))
-
-
 def stacked_attraction_losses(p: Sequence[Tensor], z: Sequence[Tensor]) -> Tensor:
-    """``stacked_attraction_loss`` for K heads at once: p[k], z[k] (2b, D_k), views stacked as there; returns the K
-    losses (K,). The heads' vectors are zero-padded to the widest and stacked, (K, 2b, D): zeros change no dot
-    product and no norm, and one set of kernels computes every cosine instead of one set per head (~13 kernels
-    each, forward and backward alike)."""
+    """Eq. 13 (``attraction_loss``) for K heads at once, each with its views stacked: p[k], z[k] (2b, D_k) =
+    [complete; incomplete]; returns the K losses (K,). Each view's p meets the other view's z (z rolled by b rows);
+    both halves have b rows, so the mean over all 2b is the average of the two D terms. The heads' vectors are
+    zero-padded to the widest and stacked, (K, 2b, D): zeros change no dot product and no norm, and one set of
+    kernels computes every cosine instead of one set per head (~13 kernels each, forward and backward alike)."""
     widest = max(t.shape[1] for t in p)
     padded = [torch.stack([t if t.shape[1] == widest else F.pad(t, (0, widest - t.shape[1])) for t in ts])
               for ts in (p, z)]  # 2 x (K, 2b, D)

@@ -96,7 +96,7 @@ def test_both_views_through_the_heads_at_once_equal_two_calls(tiny_config, train
     BatchNorm running statistics of one call per view followed by Eq. 13 as written (float64)."""
     import copy
 
-    from mmsa_emt.objective import stacked_attraction_loss
+    from mmsa_emt.objective import stacked_attraction_losses
 
     torch.manual_seed(0)
     heads = EMTDLFR(tiny_config()).restoration.double().train(training)
@@ -105,7 +105,7 @@ def test_both_views_through_the_heads_at_once_equal_two_calls(tiny_config, train
     (z_c, p_c), (z_i, p_i) = twin.simsiam("vision", x_c), twin.simsiam("vision", x_i)
     separate = attraction_loss(p_c, z_c, p_i, z_i)
     z, p = heads.simsiam("vision", torch.cat([x_c, x_i]), views=2)
-    stacked = stacked_attraction_loss(p, z)
+    stacked = stacked_attraction_losses([p], [z])[0]
     torch.testing.assert_close(z, torch.cat([z_c, z_i]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p, torch.cat([p_c, p_i]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stacked, separate, rtol=1e-12, atol=1e-12)
@@ -121,8 +121,9 @@ def test_both_views_through_the_heads_at_once_equal_two_calls(tiny_config, train
 
 def test_attraction_losses_of_all_heads_at_once_are_each_heads_own():
     """``stacked_attraction_losses``: heads of different widths, zero-padded and stacked, give each head's
-    ``stacked_attraction_loss`` and the same gradients (float64; z detached as SimSiam's stop-gradient)."""
-    from mmsa_emt.objective import stacked_attraction_loss, stacked_attraction_losses
+    ``attraction_loss`` (Eq. 13 as written, on its views) and the same gradients (float64; z detached as SimSiam's
+    stop-gradient)."""
+    from mmsa_emt.objective import stacked_attraction_losses
 
     g = torch.Generator().manual_seed(0)
     widths = [6, 2, 9, 9]
@@ -135,7 +136,7 @@ def test_attraction_losses_of_all_heads_at_once_are_each_heads_own():
     grads = [t.grad.clone() for t in p]
     for k, (p_k, z_k) in enumerate(zip(p, z)):
         p_k.grad = None
-        alone = stacked_attraction_loss(p_k, z_k)
+        alone = attraction_loss(p_k[:4], z_k[:4], p_k[4:], z_k[4:])  # views: rows 0-3 complete, 4-7 not
         torch.testing.assert_close(together[k], alone, rtol=1e-12, atol=1e-12)
         (weights[k] * alone).backward()
         torch.testing.assert_close(grads[k], p_k.grad, rtol=1e-12, atol=1e-12)
