@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py [--quick] [--shapes mosi mosei] [--device auto|cpu|cuda]
                                      [--modes baseline fast ...] [--profile] [--out saved_results/bench_train.json]
 
-Modes (``MODES``; each is a set of config switches, see the README's speed section):
+Modes (``MODES``; each is a set of config switches, see docs/speed.md):
 
 * ``baseline`` computes the way the authors' code does: fp32, explicit attention score matrices, the complete and
   incomplete views in two encoder passes, LSTMs over packed sequences, full padding, per-tensor Adam, torch's

@@ -56,7 +56,7 @@ def test_shipped_speed_settings_resolve_per_device(device, stacked, precision, m
     assert (config.fused_attention, config.fused_views, config.packed_lstm) == (True, True, False)
     assert config.stack_modalities is stacked
     assert config.checkpoint_fusion is True  # recomputing the fusion's feed-forward: far less memory, few launches
-    assert config.checkpoint_encoder is False  # costs more time than it saves RAM (README, speed section)
+    assert config.checkpoint_encoder is False  # costs more time than it saves RAM (docs/speed.md)
     speed = speed_config_from_args(args)
     assert (speed.trim_padding, speed.precision, speed.compile) == (True, precision, False)
     assert speed_config_from_args({**args, "precision": "fp32"}).precision == "fp32"
