@@ -122,11 +122,12 @@ def main(argv: Sequence[str] | None = None) -> None:
               seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate, out_dir=args.out,
               gpu_ids=args.gpu_ids, num_workers=args.num_workers, overrides=parse_overrides(args.set))
     elif args.command == "normalize-features":
+        from .data_check import FeatureFileError
         from .normalize import normalize_file
 
         try:
             report = normalize_file(args.source, args.out, args.modalities, overwrite=args.overwrite)
-        except FileExistsError as exc:
+        except (FileExistsError, FeatureFileError) as exc:
             raise SystemExit(f"normalize-features: {exc}") from exc
         print("samples per split: " + ", ".join(f"{split} {n}" for split, n in report.samples.items()))
         for modality in report.modalities:

@@ -166,6 +166,8 @@ def test_cli_writes_the_normalized_file_and_never_its_input(tmp_path, capsys):
             main(["normalize-features", "--in", str(source), "--out", str(target), "--overwrite"])
     with pytest.raises(SystemExit, match="exists; pass --overwrite"):
         main(["normalize-features", "--in", str(source), "--out", str(out)])
+    with pytest.raises(SystemExit, match=r"normalize-features: feature file '.*missing\.pkl' does not exist"):
+        main(["normalize-features", "--in", str(tmp_path / "missing.pkl"), "--out", str(tmp_path / "x.pkl")])
     assert digest(source) == before
     main(["normalize-features", "--in", str(source), "--out", str(out), "--overwrite", "--modalities", "audio"])
     written = pickle.loads(out.read_bytes())
