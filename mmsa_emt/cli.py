@@ -86,6 +86,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     robust.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     robust.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config values for every model, e.g. max_epochs=5 (values as JSON)")
+    norm = commands.add_parser("normalize-features",
+                               help="standardise audio/vision with train-split statistics (the authors' CH-SIMS "
+                                    "input, unaligned_39_normalized.pkl)")
+    norm.add_argument("--in", dest="source", required=True, help="MMSA feature file to read (never changed)")
+    norm.add_argument("--out", required=True, help="normalized copy to write")
+    norm.add_argument("--modalities", nargs="+", choices=["audio", "vision"], default=["audio", "vision"],
+                      help="modalities to normalize (default: audio vision)")
+    norm.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -113,6 +121,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         sweep(args.model, args.dataset, args.config, rates=args.rates, modality_rates=args.modality_rates,
               seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate, out_dir=args.out,
               gpu_ids=args.gpu_ids, num_workers=args.num_workers, overrides=parse_overrides(args.set))
+    elif args.command == "normalize-features":
+        from .data_check import FeatureFileError
+        from .normalize import normalize_file
+
+        try:
+            report = normalize_file(args.source, args.out, args.modalities, overwrite=args.overwrite)
+        except (FileExistsError, FeatureFileError) as exc:
+            raise SystemExit(f"normalize-features: {exc}") from exc
+        print("samples per split: " + ", ".join(f"{split} {n}" for split, n in report.samples.items()))
+        for modality in report.modalities:
+            constant = report.constant[modality]
+            print(f"{modality}: {report.features[modality]} features normalized with the mean and std of "
+                  f"{report.stats_frames[modality]} valid train frames"
+                  + (f"; {len(constant)} constant over train (std 0, divided by 1e-6)" if constant else ""))
+        print(f"written to {args.out}")
 
 
 def parse_overrides(items: Sequence[str]) -> dict:

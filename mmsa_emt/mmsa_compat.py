@@ -50,6 +50,7 @@ from .data_check import FeatureReport, check_feature_file, load_feature_file, ze
 from .metrics import DATASET_METRICS
 from .missing import incomplete_view_file
 from .model import MODALITIES, EMTDLFRConfig
+from .normalize import normalize_features, normalize_setting, normalized_file
 from .objective import LossWeights, TwoViewBatch
 from .registry import canonical_name, get_builder, list_models
 from .trainer import OptimConfig, SpeedConfig, auto_precision, build_optimizer, evaluate, fit
@@ -325,14 +326,31 @@ def _read_features(args: Mapping[str, Any]) -> Any:
     return load_feature_file(_feature_path(args), config_hint=args.get("feature_hint", ""))
 
 
+def _normalized_if_asked(args: Mapping[str, Any], data: Any) -> Any:
+    """``data`` with audio/vision standardised by train statistics when ``normalize_features`` is true (a new
+    dict: content shared between loaders is never changed, so never normalized twice); else ``data`` itself."""
+    if not normalize_setting(args):
+        return data
+    for key in ("feature_A", "feature_V"):
+        if args.get(key):
+            raise ValueError(f"normalize_features=true with {key}='{args[key]}': MMSA would read those features "
+                             "unnormalized from that file; normalize it with `python -m mmsa_emt normalize-features`")
+    normalized, report = normalize_features(data, path=_feature_path(args))
+    logger.info(report.summary())
+    return normalized
+
+
 @contextmanager
-def _checked_features(args: EasyDict, data: Any = None) -> Iterator[FeatureReport]:
+def _checked_features(args: EasyDict, data: Any = None, *, normalized: bool = False) -> Iterator[FeatureReport]:
     """Reads the feature file once (unless its content ``data`` is given) and checks it (see ``_check_inputs``);
     yields the report, and MMSA's datasets built within the block get that content instead of unpickling the file
-    again (``_unpickled_once``)."""
+    again (``_unpickled_once``), normalized first when ``normalize_features`` asks for it (unless ``normalized``
+    says ``data`` already is), so MMSA's incomplete view is drawn from normalized features."""
     path = _feature_path(args)
     data = _read_features(args) if data is None else data
     report = _check_inputs(args, data)
+    if not normalized:
+        data = _normalized_if_asked(args, data)
     with _unpickled_once(path, data):
         yield report
 
@@ -354,10 +372,11 @@ def checked_data_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataL
     return loaders
 
 
-def checked_test_loader(args: EasyDict, num_workers: int = 0, *, data: Any = None) -> DataLoader:
+def checked_test_loader(args: EasyDict, num_workers: int = 0, *, data: Any = None,
+                        normalized: bool = False) -> DataLoader:
     """The test split alone, checked and mended like ``checked_data_loader`` (the file read once, or not at all
-    when its content ``data`` is given)."""
-    with _checked_features(args, data) as report:
+    when its content ``data`` is given; ``normalized``: ``data`` is already normalized as the args ask)."""
+    with _checked_features(args, data, normalized=normalized) as report:
         dataset = _MMDataset(args, mode="test")
     _mend_datasets(args, report, [dataset])
     return DataLoader(dataset, batch_size=args["batch_size"], shuffle=False, num_workers=num_workers)
@@ -366,13 +385,14 @@ def checked_test_loader(args: EasyDict, num_workers: int = 0, *, data: Any = Non
 def checked_test_loaders(args_list: Iterable[EasyDict], num_workers: int = 0) -> Iterator[DataLoader]:
     """``checked_test_loader`` for each of ``args_list``, built one at a time as they are asked for. Consecutive
     args naming the same feature file (a model tested at several missing rates) share one read of it, held until
-    the next file or the end; each loader is still checked and built from its own args."""
-    path, data = None, None
+    the next file or the end, and normalized at most once; each loader is still checked and built from its own
+    args."""
+    source, data = None, None
     for args in args_list:
-        if (file := _feature_path(args)) != path:
+        if (key := (_feature_path(args), normalize_setting(args))) != source:
             data = None  # the previous file's content released before the next one is read
-            path, data = file, _read_features(args)
-        yield checked_test_loader(args, num_workers, data=data)
+            source, data = key, _normalized_if_asked(args, _read_features(args))
+        yield checked_test_loader(args, num_workers, data=data, normalized=True)
 
 
 def batch_from_mmsa(batch: Mapping[str, Any]) -> TwoViewBatch:
@@ -585,7 +605,11 @@ def _at_missing_rates(args: EasyDict, rates: Sequence[float], cache_dir: Path) -
     if reads_incomplete_view(at["model_name"]):
         at.update(data_missing=True, missing_rate=[float(r) for r in rates], missing_seed=seeds)
     else:
-        at["featurePath"] = str(incomplete_view_file(args["featurePath"], rates, seeds, cache_dir))
+        source = args["featurePath"]
+        if normalize_setting(args):  # normalize first, then drop, as the loader does for the other models
+            source = normalized_file(source, cache_dir)
+            at["normalize_features"] = False  # the derived file is normalized already
+        at["featurePath"] = str(incomplete_view_file(source, rates, seeds, cache_dir))
         at["data_missing"] = False
     return at
 

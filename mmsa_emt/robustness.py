@@ -204,6 +204,11 @@ def sweep(models: str | Sequence[str], dataset: str, config_file: str | Path, *,
         raise ValueError(f"missing rates must lie in [0, 1], got {settings}")
     out_dir = Path(out_dir)
     csv_path = results_path(out_dir, dataset)
+    from .normalize import sweep_normalization
+
+    # one input for every model: the sweep's --set normalize_features, else EMT-DLFR's entry; part of each hash
+    overrides = {**(overrides or {}), "normalize_features": sweep_normalization(dataset, config_file, overrides)}
+    echo(f"normalize_features={str(overrides['normalize_features']).lower()} for every model of the sweep")
     digests = {m: config_hash(m, dataset, config_file, overrides) for m in models}
     done = _done_keys(read_results(csv_path))
     trials = plan_trials(models, dataset, settings, seeds, protocol=protocol, train_rate=train_rate)
