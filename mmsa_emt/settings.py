@@ -306,7 +306,8 @@ _POSITIVE = Int(low=1)
 
 def _table(*settings: Setting) -> dict[str, Setting]:
     table = {s.name: s for s in settings}
-    assert len(table) == len(settings), "a key is listed twice"
+    if len(table) != len(settings):
+        raise ValueError("a key is listed twice in the settings table")
     return table
 
 
