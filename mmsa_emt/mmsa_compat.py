@@ -119,7 +119,8 @@ def _check_entry_keys(entry: Mapping[str, Any], name: str, dataset: str, path: P
                 f"datasetParams.{dataset}": entry.get("datasetParams", {}).get(dataset, {})}
     if tune:
         debug = dict(entry.get("debugParams", {}))
-        sections["debugParams"] = {**debug, **{k: None for k in debug.pop("d_paras", [])}}
+        sampled = debug.pop("d_paras", [])  # the names of the keys a trial samples, and their choices
+        sections["debugParams"] = {**debug, **dict.fromkeys(sampled)}
     for section, keys in sections.items():
         settings.check_entry(keys, f"{path} ({name}.{section})")
 
