@@ -40,16 +40,17 @@ from MMSA.models.AMIO import AMIO as _MMSA_AMIO
 from MMSA.models.missingTask.TFR_NET.model import TFR_NET as MMSA_TFR_NET
 from MMSA.models.singleTask.MISA import MISA as MMSA_MISA
 from MMSA.trains.ATIO import ATIO as _MMSA_ATIO
-from MMSA.utils import MetricsTop, assign_gpu, dict_to_str, setup_seed
+from MMSA.utils import MetricsTop, dict_to_str, setup_seed
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
 from . import model as _model  # noqa: F401  (registers the models)
+from . import settings
 from .data_check import FeatureReport, check_feature_file, load_feature_file, zero_nonfinite
 from .metrics import DATASET_METRICS
 from .missing import incomplete_view_file
-from .model import MODALITIES, EMTDLFRConfig
+from .model import EMTDLFRConfig
 from .normalize import normalize_features, normalize_setting, normalized_file
 from .objective import LossWeights, TwoViewBatch
 from .registry import canonical_name, get_builder, list_models
@@ -59,7 +60,7 @@ logger = logging.getLogger("MMSA")
 MMSA_UNK_ID = 100  # MMSA's data_missing writes this id for every dropped token
 MINIMIZED_KEYS = ("Loss", "Loss(pred_m)", "MAE", "RMSE")
 MMSA_DATASETS = ("mosi", "mosei", "sims")  # the names MMSA's MMDataset and MetricsTop know
-DEFAULT_MISSING_SEEDS = (111, 1111, 11111)  # the authors' per-modality missing seeds
+DEFAULT_MISSING_SEEDS = tuple(settings.SETTINGS["missing_seed"].default)  # the authors' per-modality seeds
 SIMS_LABEL_KEYS = ("regression_labels_T", "regression_labels_A", "regression_labels_V")
 
 
@@ -93,6 +94,8 @@ def load_config(model_name: str, dataset_name: str, config_file: str | os.PathLi
                        f"it has: {', '.join(sorted(raw[name].get('datasetParams', {})))}")
     if tune and "debugParams" not in raw[name]:
         raise KeyError(f"model '{name}' in {path} has no debugParams (the search space) for tuning")
+    if canonical_name(name):
+        _check_entry_keys(raw[name], name, dataset, path, tune=tune)
     reader = _mmsa_config_tune if tune else _mmsa_config_regression
     args = reader(name, dataset, str(path))
 
@@ -110,6 +113,19 @@ def load_config(model_name: str, dataset_name: str, config_file: str | os.PathLi
     return args
 
 
+def _check_entry_keys(entry: Mapping[str, Any], name: str, dataset: str, path: Path, *, tune: bool) -> None:
+    """Keys of an mmsa-emt model's entry that ``settings.SETTINGS`` does not know are an error naming the section and
+    the closest known key (MMSA would pass a misspelt key on, and the model would read its default instead)."""
+    sections = {"commonParams": entry.get("commonParams", {}),
+                f"datasetParams.{dataset}": entry.get("datasetParams", {}).get(dataset, {})}
+    if tune:
+        debug = dict(entry.get("debugParams", {}))
+        sampled = debug.pop("d_paras", [])  # the names of the keys a trial samples, and their choices
+        sections["debugParams"] = {**debug, **dict.fromkeys(sampled)}
+    for section, keys in sections.items():
+        settings.check_entry(keys, f"{path} ({name}.{section})")
+
+
 def _config_regression(model_name: str, dataset_name: str, config_file: str = "") -> EasyDict:
     return load_config(model_name, dataset_name, config_file)
 
@@ -118,111 +134,90 @@ def _config_tune(model_name: str, dataset_name: str, config_file: str = "", rand
     return load_config(model_name, dataset_name, config_file, tune=True)
 
 
-def _require(args: Mapping[str, Any], key: str) -> Any:
-    if key not in args:
-        raise KeyError(f"config key '{key}' is missing for model '{args.get('model_name')}' "
-                       f"(config file {args.get('config_file', '?')})")
-    return args[key]
-
-
 def _is_ours(args: Mapping[str, Any]) -> bool:
     return canonical_name(str(args.get("model_name", ""))) is not None
 
 
 def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
-    """MMSA args (the authors' key names) -> explicit network config."""
-    r = lambda key: _require(args, key)  # noqa: E731
+    """MMSA args (the authors' key names) -> explicit network config; values checked and defaults taken from
+    ``settings.SETTINGS``."""
+    r = functools.partial(settings.get, args)
     feature_dims = r("feature_dims")
     return EMTDLFRConfig(
-        pretrained=str(r("pretrained")), audio_dim=int(feature_dims[1]), vision_dim=int(feature_dims[2]),
-        finetune_bert=bool(args.get("use_finetune", True)),
+        pretrained=str(r("pretrained")), audio_dim=feature_dims[1], vision_dim=feature_dims[2],
+        finetune_bert=r("use_finetune"),
         audio_hidden=r("a_lstm_hidden_size"), vision_hidden=r("v_lstm_hidden_size"),
-        audio_lstm_layers=args.get("a_lstm_layers", 1), vision_lstm_layers=args.get("v_lstm_layers", 1),
-        audio_lstm_dropout=args.get("a_lstm_dropout", 0.0), vision_lstm_dropout=args.get("v_lstm_dropout", 0.0),
+        audio_lstm_layers=r("a_lstm_layers"), vision_lstm_layers=r("v_lstm_layers"),
+        audio_lstm_dropout=r("a_lstm_dropout"), vision_lstm_dropout=r("v_lstm_dropout"),
         audio_out=r("audio_out"), vision_out=r("video_out"), d_model=r("d_model"), fusion_layers=r("fusion_layers"),
-        heads=r("heads"), ff_expansion=args.get("ff_expansion", 4), emb_dropout=args.get("emb_dropout", 0.0),
+        heads=r("heads"), ff_expansion=r("ff_expansion"), emb_dropout=r("emb_dropout"),
         attn_dropout=r("attn_dropout"), ff_dropout=r("ff_dropout"),
-        learnable_pos_emb=bool(args.get("learnable_pos_emb", False)), max_seq_len=args.get("max_seq_len", 1024),
-        mpu_share=bool(r("mpu_share")), modality_share=bool(r("modality_share")), layer_share=bool(r("layer_share")),
-        pool_activation=args.get("attn_act_fn", "tanh"), post_fusion_dim=r("post_fusion_dim"),
+        learnable_pos_emb=r("learnable_pos_emb"), max_seq_len=r("max_seq_len"),
+        mpu_share=r("mpu_share"), modality_share=r("modality_share"), layer_share=r("layer_share"),
+        pool_activation=r("attn_act_fn"), post_fusion_dim=r("post_fusion_dim"),
         post_fusion_dropout=r("post_fusion_dropout"),
         predictor_dims={"context": r("gmc_tokens_pred_dim"), "text": r("text_pred_dim"),
                         "audio": r("audio_pred_dim"), "vision": r("video_pred_dim")},
-        fused_attention=bool(args.get("fused_attention", True)), fused_views=bool(args.get("fused_views", True)),
+        fused_attention=r("fused_attention"), fused_views=r("fused_views"),
         stack_modalities=_stacking(args),
-        packed_lstm=bool(args.get("packed_lstm", False)),
-        checkpoint_encoder=bool(args.get("checkpoint_encoder", False)),
-        checkpoint_fusion=bool(_auto(args, "checkpoint_fusion", default=False, on_cuda=True, on_cpu=True)),
-        encoder_autocast=bool(args.get("encoder_autocast", True)),
-        encoder_cast_once=bool(args.get("encoder_cast_once", False)),
-        encoder_fused_qkv=bool(args.get("encoder_fused_qkv", True)),
-        numpy_dropout=bool(args.get("numpy_dropout", True)),
-        modalities=tuple(args.get("modalities") or MODALITIES),
+        packed_lstm=r("packed_lstm"),
+        checkpoint_encoder=r("checkpoint_encoder"),
+        checkpoint_fusion=_auto(args, "checkpoint_fusion", on_cuda=True, on_cpu=True),
+        encoder_autocast=r("encoder_autocast"),
+        encoder_cast_once=r("encoder_cast_once"),
+        encoder_fused_qkv=r("encoder_fused_qkv"),
+        numpy_dropout=r("numpy_dropout"),
+        modalities=tuple(r("modalities")),
     )
 
 
 def optim_config_from_args(args: Mapping[str, Any]) -> OptimConfig:
-    r = lambda key: float(_require(args, key))  # noqa: E731
+    r = functools.partial(settings.get, args)
     return OptimConfig(lr_bert=r("learning_rate_bert"), lr_audio=r("learning_rate_audio"),
                        lr_vision=r("learning_rate_video"), lr_other=r("learning_rate_other"),
                        wd_bert=r("weight_decay_bert"), wd_audio=r("weight_decay_audio"),
                        wd_vision=r("weight_decay_video"), wd_other=r("weight_decay_other"))
 
 
-def _auto(args: Mapping[str, Any], key: str, *, default: Any, on_cuda: Any, on_cpu: Any) -> Any:
+def _auto(args: Mapping[str, Any], key: str, *, on_cuda: Any, on_cpu: Any) -> Any:
     """A config value that may be 'auto': then ``on_cuda`` when the run's device is CUDA, else ``on_cpu``."""
-    value = args.get(key, default)
+    value = settings.get(args, key)
     if value != "auto":
         return value
-    return on_cuda if torch.device(args.get("device", "cpu")).type == "cuda" else on_cpu
+    return on_cuda if torch.device(args.get("device") or "cpu").type == "cuda" else on_cpu
 
 
 def _stacking(args: Mapping[str, Any]) -> str | None:
     """``stack_modalities``: false | "time" | "batch" | "auto" ("time" on CUDA: M-fold fewer kernel launches in the
     fusion; off on a CPU, where joining cost time and memory: benchmarks/results/cpu-2026-11-27/README.md)."""
-    value = _auto(args, "stack_modalities", default=False, on_cuda="time", on_cpu=False)
-    if value is False or value is None:
-        return None
-    if value in ("time", "batch"):
-        return value
-    raise ValueError(f"config key 'stack_modalities' is {value!r}: choose false, \"time\" (modalities joined along "
-                     f"time), \"batch\" (padded and stacked along the batch) or \"auto\"")
+    value = _auto(args, "stack_modalities", on_cuda="time", on_cpu=False)
+    return None if value is False or value is None else value
 
 
 def speed_config_from_args(args: Mapping[str, Any]) -> SpeedConfig:
     """``precision`` (fp32 | bf16 | fp16; 'auto': bf16 where the device multiplies it natively, see
     ``auto_precision``), ``trim_padding``, ``compile``, ``reuse_weight_casts``."""
-    precision = str(args.get("precision", "fp32"))
+    r = functools.partial(settings.get, args)
+    precision = r("precision")
     if precision == "auto":
-        precision = auto_precision(args.get("device", "cpu"))
-    return SpeedConfig(trim_padding=bool(args.get("trim_padding", True)), precision=precision,
-                       compile=bool(args.get("compile", False)),
-                       reuse_weight_casts=bool(args.get("reuse_weight_casts", True)))
+        precision = auto_precision(args.get("device") or "cpu")
+    return SpeedConfig(trim_padding=r("trim_padding"), precision=precision, compile=r("compile"),
+                       reuse_weight_casts=r("reuse_weight_casts"))
 
 
 def loss_weights_from_args(args: Mapping[str, Any]) -> LossWeights:
-    return LossWeights(attraction=float(args.get("loss_attra_weight", 1.0)),
-                       reconstruction=float(args.get("loss_recon_weight", 1.0)),
-                       recon_kind=str(args.get("recon_loss", "SmoothL1Loss")))
+    r = functools.partial(settings.get, args)
+    return LossWeights(attraction=r("loss_attra_weight"), reconstruction=r("loss_recon_weight"),
+                       recon_kind=r("recon_loss"))
 
 
 # ----------------------------------------------------------------------------------------------- data
 def _check_missing_settings(args: EasyDict) -> None:
-    """EMT-DLFR needs MMSA's data_missing machinery: one rate in [0, 1] and one seed per modality."""
-    args["data_missing"] = True
-    rates = args.get("missing_rate")
-    if rates is None:
-        raise KeyError(f"config key 'missing_rate' (three rates for text, audio, vision) is missing for "
-                       f"'{args['model_name']}' (config file {args.get('config_file', '?')})")
-    if isinstance(rates, (int, float)):
-        rates = [float(rates)] * 3
-    if len(rates) != 3 or not all(0.0 <= float(r) <= 1.0 for r in rates):
-        raise ValueError(f"missing_rate must be three numbers in [0, 1] (text, audio, vision), got {rates}")
-    args["missing_rate"] = [float(r) for r in rates]
-    seeds = args.get("missing_seed") or list(DEFAULT_MISSING_SEEDS)
-    if len(seeds) != 3:
-        raise ValueError(f"missing_seed must be three integers (text, audio, vision), got {seeds}")
-    args["missing_seed"] = [int(s) for s in seeds]
+    """EMT-DLFR needs MMSA's data_missing machinery: one rate in [0, 1] and one seed per modality (the table's
+    checks, ``settings.SETTINGS``; a rate given once counts for all three modalities)."""
+    args["data_missing"] = settings.get(args, "data_missing")
+    args["missing_rate"] = settings.get(args, "missing_rate")
+    args["missing_seed"] = settings.get(args, "missing_seed") or list(DEFAULT_MISSING_SEEDS)
 
 
 def _check_vocabulary(args: EasyDict, max_token_id: int | None, feature_path: str) -> None:
@@ -619,9 +614,24 @@ def trial_args(model_name: str, dataset_name: str, config_file: str | os.PathLik
     """The args ``MMSA_run`` would build for one run, plus ``overrides``."""
     args = load_config(model_name, dataset_name, config_file)
     args.update(dict(overrides or {}))
-    args.update(device=assign_gpu(list(gpu_ids)), train_mode="regression", custom_feature=None, feature_T=None,
-                feature_A=None, feature_V=None, cur_seed=1)
+    args.update(device=settings.checked_assign_gpu(gpu_ids), train_mode="regression", custom_feature=None,
+                feature_T=None, feature_A=None, feature_V=None, cur_seed=1)
+    check_args(args)
     return args
+
+
+def check_args(args: EasyDict) -> None:
+    """Every setting checked before the first batch: ``settings.check_args`` for ours (every key) or MMSA's
+    models (the keys all its trainers share)."""
+    settings.check_args(args, ours=_is_ours(args))
+
+
+def _settings_checked_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataLoader]:
+    """``checked_data_loader`` after ``check_args``: MMSA's ``_run`` calls its loader first, once per seed (or
+    tuning trial), with the args merged from the config file and ``config=``, before any data is read or any model
+    built."""
+    check_args(args)
+    return checked_data_loader(args, num_workers)
 
 
 def run_missing_trial(args: EasyDict, *, seed: int, train_rates: Sequence[float],
@@ -720,9 +730,10 @@ def register() -> None:
     """Hooks mmsa-emt's models into ``MMSA_run``/``MMSA_test``; safe to call any number of times."""
     mmsa_run.AMIO = AMIO
     mmsa_run.ATIO = ATIO
-    mmsa_run.MMDataLoader = checked_data_loader
+    mmsa_run.MMDataLoader = _settings_checked_loader
     mmsa_run.get_config_regression = _config_regression
     mmsa_run.get_config_tune = _config_tune
+    mmsa_run.assign_gpu = settings.checked_assign_gpu  # a GPU asked for and absent is an error, not the CPU
     mmsa_run.torch = _Delegate(torch, cuda=_Delegate(torch.cuda, set_device=_set_device_if_cuda))
     mmsa_run.round = _plain_round
     mmsa_run._set_logger = _set_logger_once

@@ -45,7 +45,7 @@ def results(tmp_path) -> pd.DataFrame:
 @pytest.mark.parametrize("modalities", [None, ["audio", "vision"]])
 def test_emt_dlfr_trains_on_avec2019_and_reports_ccc(avec_config, tmp_path, modalities):
     overrides = {"modalities": modalities} if modalities else {}
-    MMSA_run("EMT-DLFR", "avec2019", config_file=str(avec_config), config=overrides, seeds=[1], gpu_ids=[0],
+    MMSA_run("EMT-DLFR", "avec2019", config_file=str(avec_config), config=overrides, seeds=[1], gpu_ids=[],
              num_workers=0, **run_dirs(tmp_path))
     frame = results(tmp_path)
     assert {"CCC", "MAE", "RMSE", "Pearson", "Loss"} <= set(frame.columns)

@@ -14,7 +14,7 @@ from mmsa_emt.mmsa_compat import load_config
 
 
 def run(config, tmp_path, model="EMT-DLFR", dataset="mosi"):
-    MMSA_run(model, dataset, config_file=str(config), seeds=[1], gpu_ids=[0], num_workers=0, **run_dirs(tmp_path))
+    MMSA_run(model, dataset, config_file=str(config), seeds=[1], gpu_ids=[], num_workers=0, **run_dirs(tmp_path))
 
 
 def edit_data(tmp_path, change, preset="mosi"):

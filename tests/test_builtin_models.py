@@ -13,7 +13,7 @@ def test_builtin_model_runs_offline_with_a_local_encoder(workspace, tmp_path, ti
     config = workspace("mosi", scale=0.03)
     overrides = {"early_stop": 1, "pretrained": str(tiny_bert), "num_temporal_head": 2,  # TFR_Net: (16, 12, 10)
                  "missing_rate": [0.3, 0.3, 0.3], "missing_seed": [111, 1111, 11111]}
-    MMSA_run(model, "mosi", config_file=str(config), config=overrides, seeds=[1], gpu_ids=[0], num_workers=0,
+    MMSA_run(model, "mosi", config_file=str(config), config=overrides, seeds=[1], gpu_ids=[], num_workers=0,
              **run_dirs(tmp_path))
     frame = read_results(tmp_path / "results" / "normal" / "mosi.csv")
     assert list(frame["Model"]) == [model.lower()]
@@ -25,7 +25,7 @@ def test_tfr_net_head_count_that_cannot_divide_the_lengths_is_named(workspace, t
     config = workspace("mosi", scale=0.03)
     with pytest.raises(ValueError, match=r"num_temporal_head=25.*e\.g\. 2"):
         MMSA_run("TFR_Net", "mosi", config_file=str(config), config={"pretrained": str(tiny_bert)}, seeds=[1],
-                 gpu_ids=[0], num_workers=0, **run_dirs(tmp_path))
+                 gpu_ids=[], num_workers=0, **run_dirs(tmp_path))
 
 
 @pytest.mark.parametrize("model", BASELINES)

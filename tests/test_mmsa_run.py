@@ -30,7 +30,7 @@ def read_results(csv) -> pd.DataFrame:
 @pytest.mark.parametrize("preset", ["mosi", "mosei", "sims"])
 def test_mmsa_run_end_to_end(workspace, tmp_path, preset):
     config = workspace(preset, scale=SCALES[preset])
-    MMSA_run("EMT-DLFR", preset, config_file=str(config), seeds=[1, 2], gpu_ids=[0], num_workers=0,
+    MMSA_run("EMT-DLFR", preset, config_file=str(config), seeds=[1, 2], gpu_ids=[], num_workers=0,
              **run_dirs(tmp_path))
     frame = read_results(tmp_path / "results" / "normal" / f"{preset}.csv")
     assert list(frame["Model"]) == ["emt-dlfr"]
@@ -61,7 +61,7 @@ def test_tune_mode_runs_two_trials(workspace, tmp_path, monkeypatch):
     config = workspace("mosi", scale=SCALES["mosi"], tune=True)
     random.seed(0)  # MMSA reseeds from the clock before each draw; fix the draws instead
     monkeypatch.setattr(mmsa_run.random, "seed", lambda *args, **kwargs: None)
-    MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[3], is_tune=True, tune_times=2, gpu_ids=[0],
+    MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[3], is_tune=True, tune_times=2, gpu_ids=[],
              num_workers=0, **run_dirs(tmp_path))
     frame = pd.read_csv(tmp_path / "results" / "tune" / "mosi-emt-dlfr.csv")
     assert len(frame) == 2
@@ -72,7 +72,7 @@ def test_tune_mode_runs_two_trials(workspace, tmp_path, monkeypatch):
 
 def test_builtin_mmsa_model_still_runs_from_our_config(workspace, tmp_path):
     config = workspace("mosi", scale=SCALES["mosi"])
-    MMSA_run("TFN", "mosi", config_file=str(config), config={"early_stop": 1}, seeds=[1], gpu_ids=[0],
+    MMSA_run("TFN", "mosi", config_file=str(config), config={"early_stop": 1}, seeds=[1], gpu_ids=[],
              num_workers=0, **run_dirs(tmp_path))
     frame = read_results(tmp_path / "results" / "normal" / "mosi.csv")
     assert list(frame["Model"]) == ["tfn"]
@@ -81,7 +81,7 @@ def test_builtin_mmsa_model_still_runs_from_our_config(workspace, tmp_path):
 
 def test_mmsa_test_predicts_from_saved_weights(workspace, tmp_path):
     config = workspace("mosi", scale=SCALES["mosi"])
-    MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[5], gpu_ids=[0], num_workers=0,
+    MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[5], gpu_ids=[], num_workers=0,
              **run_dirs(tmp_path))
     weights = tmp_path / "models" / "emt-dlfr-mosi-seed5.pth"
     with open(tmp_path / "dataset" / FEATURE_FILES["mosi"], "rb") as f:
@@ -111,7 +111,7 @@ def test_learns_a_planted_signal(workspace, tmp_path):
                        common={"max_epochs": 6, "early_stop": 6, "update_epochs": 1, "missing_rate": [0, 0, 0]},
                        model={"learning_rate_other": 3e-3, "learning_rate_video": 1e-3, "attn_dropout": 0.0,
                               "ff_dropout": 0.0, "post_fusion_dropout": 0.0, "batch_size": 16})
-    MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[1], gpu_ids=[0], num_workers=0,
+    MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[1], gpu_ids=[], num_workers=0,
              **run_dirs(tmp_path))
     mae = read_results(tmp_path / "results" / "normal" / "mosi.csv")["MAE"][0][0] / 100
     with open(tmp_path / "dataset" / FEATURE_FILES["mosi"], "rb") as f:
