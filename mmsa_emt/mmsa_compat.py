@@ -5,9 +5,11 @@ builds its model and trainer maps inside ``AMIO.__init__``/``ATIO.__init__`` and
 ``MMDataLoader`` and the config readers up as globals of ``MMSA.run`` at call time, so replacing those globals with
 subclasses/wrappers that know our models is enough. The same globals carry the mends MMSA 2.2.1 needs today:
 no ``torch.cuda.set_device`` on a CPU device, plain numbers (not ``np.float64(...)`` text) in the results CSV under
-numpy 2, config paths relative to the config file, feature files checked before use, per-seed checkpoints that
-never overwrite earlier ones, one set of log handlers however often ``MMSA_run`` is called, datasets beyond MMSA's
-three (``mmsa_emt.metrics``), and MMSA's own baselines made to run offline with a local encoder of any width.
+numpy 2, one results CSV that keeps every model's rows (``append_results``), config paths relative to the config
+file, feature files checked before use, per-seed checkpoints reserved at once that never overwrite earlier ones,
+``MMSA_test`` loading our weights strictly and reading a sample up to its lengths (``mmsa_test``), one set of log
+handlers however often ``MMSA_run`` is called, datasets beyond MMSA's three (``mmsa_emt.metrics``), and MMSA's own
+baselines made to run offline with a local encoder of any width.
 It also runs one train-and-test trial at given missing rates for ``mmsa_emt.robustness``.
 """
 
@@ -21,6 +23,10 @@ import json
 import logging
 import math
 import os
+import pickle
+import stat
+import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,8 +36,11 @@ from typing import Any
 import MMSA
 import MMSA.data_loader as mmsa_data_loader
 import MMSA.run as mmsa_run
+import numpy as np
+import pandas as pd
 import torch
 from easydict import EasyDict
+from filelock import FileLock
 from MMSA.config import get_config_regression as _mmsa_config_regression
 from MMSA.config import get_config_tune as _mmsa_config_tune
 from MMSA.data_loader import MMDataLoader as _mmsa_data_loader
@@ -41,7 +50,7 @@ from MMSA.models.missingTask.TFR_NET.model import TFR_NET as MMSA_TFR_NET
 from MMSA.models.singleTask.MISA import MISA as MMSA_MISA
 from MMSA.trains.ATIO import ATIO as _MMSA_ATIO
 from MMSA.utils import MetricsTop, dict_to_str, setup_seed
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
@@ -425,15 +434,28 @@ class _Batches:
 
 # ----------------------------------------------------------------------------------------------- trainer
 def _checkpoint_path(args: EasyDict) -> Path:
-    """Per-seed checkpoint next to MMSA's path; an existing file is never overwritten (a counter is added)."""
+    """Per-seed checkpoint next to MMSA's path, reserved at once: the name is created as an empty placeholder
+    with an exclusive create (``O_CREAT | O_EXCL``), so an existing file is never overwritten and runs started at
+    the same time with the same seed get distinct names (a counter is added). The trainer's atomic write replaces
+    the placeholder with the weights."""
     if "model_save_base" not in args:
         args["model_save_base"] = str(args["model_save_path"])
     base, tag = Path(args["model_save_base"]), f"-seed{torch.initial_seed()}"
     stem = base.stem if base.stem.endswith(tag) else base.stem + tag
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, n = base.with_name(stem + base.suffix), 1
-    while path.exists():
-        path, n = base.with_name(f"{stem}-{n}{base.suffix}"), n + 1
-    return path
+    while True:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return path
+        except FileExistsError:
+            path, n = base.with_name(f"{stem}-{n}{base.suffix}"), n + 1
+
+
+def _drop_placeholder(path: Path) -> None:
+    """Removes the checkpoint name reserved by ``_checkpoint_path`` if no weights were written into it."""
+    if path.is_file() and path.stat().st_size == 0:
+        path.unlink(missing_ok=True)
 
 
 def _plain(results: Mapping[str, Any]) -> dict[str, float]:
@@ -469,14 +491,18 @@ class EMTDLFRTrainer:
                 history["valid"].append(valid)
                 history["test"].append(self.do_test(model, dataloader["test"], mode="TEST"))
 
-        self.speed.prepare_model(net)
-        result = fit(net, _Batches(dataloader["train"]), _Batches(dataloader["valid"]),
-                     optimizer=build_optimizer(net, optim_config_from_args(args)), weights=self.weights,
-                     metric_fn=self.metrics, key_metric=self.key_metric, minimize=self.key_metric in MINIMIZED_KEYS,
-                     early_stop=int(args.get("early_stop", 8)), max_epochs=args.get("max_epochs"),
-                     update_every=int(args.get("update_epochs", 1)), save_path=save_path, checkpoint_prefix="Model.",
-                     device=self.device, progress=self.progress, logger=logger, on_epoch_end=on_epoch_end,
-                     speed=self.speed)
+        try:
+            self.speed.prepare_model(net)
+            result = fit(net, _Batches(dataloader["train"]), _Batches(dataloader["valid"]),
+                         optimizer=build_optimizer(net, optim_config_from_args(args)), weights=self.weights,
+                         metric_fn=self.metrics, key_metric=self.key_metric,
+                         minimize=self.key_metric in MINIMIZED_KEYS, early_stop=int(args.get("early_stop", 8)),
+                         max_epochs=args.get("max_epochs"), update_every=int(args.get("update_epochs", 1)),
+                         save_path=save_path, checkpoint_prefix="Model.", device=self.device,
+                         progress=self.progress, logger=logger, on_epoch_end=on_epoch_end, speed=self.speed)
+        except BaseException:
+            _drop_placeholder(save_path)  # a failed run frees the name it reserved (weights written are kept)
+            raise
         logger.info(f"best valid {self.key_metric} {result.best_value:.4f} at epoch {result.best_epoch}; "
                     f"weights saved to {save_path}")
         return history if return_epoch_results else None
@@ -668,14 +694,83 @@ def run_missing_trial(args: EasyDict, *, seed: int, train_rates: Sequence[float]
 
 
 # ----------------------------------------------------------------------------------------------- hooks
+class CheckpointError(ValueError):
+    """A weights file that cannot be, or must not be, loaded into the model asked for."""
+
+
+def _load_checkpoint(f: Any, *args: Any, **kwargs: Any) -> Any:
+    """``torch.load`` whose errors name the file: an empty file (a name reserved by a run that ended before its
+    first checkpoint), a truncated file, or one that is no PyTorch checkpoint at all (torch's own message for the
+    last would suggest ``weights_only=False``, i.e. running arbitrary pickled code)."""
+    name = str(getattr(f, "name", f))
+    if isinstance(f, (str, os.PathLike)) and Path(f).is_file() and Path(f).stat().st_size == 0:
+        raise CheckpointError(f"{name} is empty: a checkpoint name reserved by a run that ended before writing its "
+                              "weights (see docs/mmsa.md); delete it")
+    try:
+        return torch.load(f, *args, **kwargs)
+    except OSError:
+        raise  # names the file already (not found, no permission)
+    except Exception as error:  # torch.load raises RuntimeError, EOFError, KeyError, UnpicklingError, ... here
+        if "Unsupported global" in str(error):  # a pickle that names classes: torch's weights-only load refuses it
+            why = ("it holds Python objects other than tensors (a whole pickled model, or not a state dict); "
+                   "only weights saved with torch.save(model.state_dict(), path) are loaded")
+        else:
+            why = f"it is not a (complete) PyTorch checkpoint, perhaps truncated ({type(error).__name__})"
+        raise CheckpointError(f"cannot load {name}: {why}") from error
+
+
+def _few(keys: Iterable[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_weights(model: nn.Module, state: Any, source: str = "the state dict") -> Any:
+    """Loads ``state`` into ``model`` strictly: an EMT-DLFR checkpoint must hold exactly the model's keys and
+    shapes. MMSA_test asks for ``strict=False``, under which a checkpoint of another model or layout would predict
+    with the untouched random weights of every key it lacks."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict")
+    expected, given = set(nn.Module.state_dict(model)), set(state)
+    missing, unexpected = expected - given, given - expected
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing keys ({_few(missing)})" if missing else "",
+                 f"{len(unexpected)} unexpected keys ({_few(unexpected)})" if unexpected else ""]
+        hint = (" (its keys lack the 'Model.' prefix of MMSA's AMIO)"
+                if unexpected and {f"Model.{k}" for k in unexpected} >= missing else "")
+        raise CheckpointError(f"{source} does not fit this {type(getattr(model, 'Model', model)).__name__} "
+                              f"model: {' and '.join(p for p in parts if p)}{hint}; it was saved from another "
+                              "model or configuration")
+    try:
+        return nn.Module.load_state_dict(model, state, strict=True)
+    except RuntimeError as error:  # shapes differ: another configuration (widths, feature dimensions)
+        raise CheckpointError(f"{source} does not fit this model's configuration: {error}") from error
+
+
+def _refuse_unmarked_padding(name: str, frames: Tensor, where: str) -> None:
+    """No lengths were given: a trailing all-zero frame is, in MMSA's feature files, padding, and reading it as a
+    real frame changes the prediction; so it is refused rather than guessed."""
+    last_zero = (frames[:, -1] == 0).all(dim=-1) if frames.shape[1] else torch.zeros(0, dtype=torch.bool)
+    if bool(last_zero.any()):
+        rows = last_zero.nonzero()[:, 0].tolist()
+        raise ValueError(f"{where}: the last frame of '{name}' is all zeros (sample(s) {rows[:5]}) and no "
+                         f"{name}_lengths were given; zero frames at the end are padding in MMSA's feature files "
+                         f"and would be read as real frames. Give {name}_lengths (the number of real frames; the "
+                         f"full length if the zero frames are real)")
+
+
 class AMIO(_MMSA_AMIO):
-    """MMSA's model wrapper, extended with the registered models (state-dict keys stay 'Model.*')."""
+    """MMSA's model wrapper, extended with the registered models (state-dict keys stay 'Model.*'). For those,
+    ``load_state_dict`` is always strict (``load_weights``) and ``forward`` without lengths refuses trailing
+    all-zero frames (``_refuse_unmarked_padding``)."""
+
+    _ours = False
 
     def __init__(self, args: EasyDict) -> None:
         if not _is_ours(args):
             super().__init__(args)
             return
         nn.Module.__init__(self)
+        self._ours = True
         self.need_model_aligned = False
         config = model_config_from_args(args)
         self.Model = get_builder(args["model_name"])(config)
@@ -684,6 +779,24 @@ class AMIO(_MMSA_AMIO):
         if text_out is not None and width is not None and int(text_out) != width:
             logger.info(f"text_out={text_out} in the config; the text width follows the loaded encoder: "
                         f"{width}")
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        if not self._ours:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        return load_weights(self, state_dict)  # strict whatever the caller asks (MMSA_test: strict=False)
+
+    def forward(self, text_x: Tensor, audio_x: Tensor, video_x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """MMSA's inference call; for our models (text, audio, vision[, audio_lengths, vision_lengths])."""
+        if not self._ours:
+            return super().forward(text_x, audio_x, video_x, *args, **kwargs)
+        return self._forward_ours(text_x, audio_x, video_x, *args, **kwargs)
+
+    def _forward_ours(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor | None = None,
+                      vision_lengths: Tensor | None = None) -> dict[str, Tensor]:
+        for name, frames, lengths in (("audio", audio, audio_lengths), ("vision", vision, vision_lengths)):
+            if lengths is None:
+                _refuse_unmarked_padding(name, frames, type(self.Model).__name__)
+        return self.Model(text, audio, vision, audio_lengths, vision_lengths)
 
 
 class ATIO(_MMSA_ATIO):
@@ -716,14 +829,201 @@ def _plain_round(number: Any, ndigits: int | None = None) -> Any:
 
 
 def _set_logger_once(log_dir: Any, model_name: str, dataset_name: str, verbose_level: int) -> logging.Logger:
-    """MMSA's logger setup, after removing the handlers an earlier MMSA_run left (no doubled lines)."""
+    """MMSA's logger setup, after removing the handlers an earlier MMSA_run left (no doubled lines). The log file
+    ``<log_dir>/<model>-<dataset>.log`` is shared by every run of that pair and appended to, also by runs at the
+    same time; its lines carry the process id so that concurrent runs can be told apart."""
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    return _ORIGINAL_SET_LOGGER(log_dir, model_name, dataset_name, verbose_level)
+    result = _ORIGINAL_SET_LOGGER(log_dir, model_name, dataset_name, verbose_level)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s [%(levelname)s] [pid %(process)d] - "
+                                                   "%(message)s"))
+    return result
 
 
 _ORIGINAL_SET_LOGGER = mmsa_run._set_logger
+_ORIGINAL_RUN = mmsa_run._run
+_ORIGINAL_MMSA_TEST = mmsa_run.MMSA_test
+_noted = threading.local()  # the result names of the last MMSA _run in this thread
+
+
+def _run_noting_result_keys(args: EasyDict, num_workers: int = 4, is_tune: bool = False,
+                            from_sena: bool = False) -> Any:
+    """MMSA's ``_run``; notes the names of the results it returns (MMSA_run's CSV columns, see ``_mmsa_read_csv``)."""
+    result = _ORIGINAL_RUN(args, num_workers, is_tune, from_sena)
+    if not from_sena:
+        _noted.result_keys = list(result)
+    return result
+
+
+def _write_csv_atomically(frame: pd.DataFrame, csv_file: Path) -> None:
+    """Writes ``frame`` to a unique temporary file beside ``csv_file``, then renames it over ``csv_file``."""
+    mode = stat.S_IMODE(csv_file.stat().st_mode) if csv_file.is_file() else 0o644
+    fd, temp = tempfile.mkstemp(dir=csv_file.parent, prefix=f".{csv_file.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            frame.to_csv(handle, index=False)
+        os.chmod(temp, mode)
+        os.replace(temp, csv_file)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def append_results(csv_file: str | os.PathLike, rows: pd.DataFrame) -> None:
+    """Adds ``rows`` to the results CSV ``csv_file``, under the lock file ``<csv_file>.lock`` (runs finishing at
+    the same time take turns): the rows already there are kept as written, the columns are the union of both (the
+    file's first, then new ones; a row lacking a column gets an empty cell), and the file is replaced atomically.
+    MMSA itself appends with the columns of the file's first writer and fails on a row with others (EMT-DLFR's
+    'Loss(pred_m)')."""
+    csv_file = Path(csv_file)
+    new = rows.astype(object)
+    with FileLock(f"{csv_file}.lock"):
+        if csv_file.is_file():
+            try:
+                old = pd.read_csv(csv_file, dtype=str, keep_default_na=False)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+                raise ValueError(f"cannot add results to {csv_file}, which is not a readable CSV ({error}); it was "
+                                 f"left unchanged. The new results:\n{new.to_string(index=False)}") from error
+            new = pd.concat([old.astype(object), new], ignore_index=True, sort=False)
+        _write_csv_atomically(new, csv_file)
+
+
+class _ResultsRows:
+    """Stands in for the DataFrame ``MMSA_run`` fills for its results CSV, ``<res_save_dir>/normal/<dataset>.csv``:
+    it takes this run's row (``df.loc[len(df)] = row``) and ``to_csv`` adds it to the file with ``append_results``
+    instead of MMSA's unlocked read-modify-write with the file's first columns."""
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.columns, self.rows = list(columns), []
+        self.loc = self
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __setitem__(self, index: int, row: Sequence[Any]) -> None:
+        if len(row) != len(self.columns):
+            raise ValueError(f"a results row of {len(row)} values for the columns {self.columns}")
+        self.rows.append(list(row))
+
+    def to_csv(self, path: str | os.PathLike, index: Any = None) -> None:
+        append_results(path, pd.DataFrame(self.rows, columns=self.columns, dtype=object))
+
+
+def _mmsa_read_csv(path: Any, *args: Any, **kwargs: Any) -> Any:
+    """``pd.read_csv`` for MMSA.run; MMSA_run's read of its results CSV (``.../normal/<dataset>.csv``, after its
+    runs) gets a ``_ResultsRows`` with this run's columns instead, the file being read later, under the lock."""
+    keys = getattr(_noted, "result_keys", None)
+    if args or kwargs or keys is None or Path(path).parent.name != "normal":
+        return pd.read_csv(path, *args, **kwargs)
+    del _noted.result_keys
+    return _ResultsRows(["Model", *keys])
+
+
+def _mmsa_data_frame(*args: Any, **kwargs: Any) -> Any:
+    """``pd.DataFrame`` for MMSA.run; MMSA_run's new results table (columns 'Model', metrics...) is a
+    ``_ResultsRows``."""
+    columns = kwargs.get("columns")
+    if not args and list(kwargs) == ["columns"] and columns and columns[0] == "Model":
+        return _ResultsRows(columns)
+    return pd.DataFrame(*args, **kwargs)
+
+
+def _test_args(config: Any) -> dict:
+    """MMSA_test's config: a dict of args, or the path of a JSON file holding one."""
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"MMSA_test config file not found: {path}")
+        args = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(args, dict) and "datasetCommonParams" in args:
+            raise ValueError(f"{path} is an MMSA config file of several models; MMSA_test takes one run's args: "
+                             "pass mmsa_emt.load_config(model, dataset, config_file)")
+        return args
+    if isinstance(config, dict):
+        return config
+    raise ValueError(f"'config' should be a path or a dict, not {type(config).__name__}")
+
+
+def _read_test_sample(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """One sample's features for MMSA_test (``text_bert`` (3, l), ``audio`` (t_a, f_a), ``vision`` (t_v, f_v),
+    optional ``audio_lengths``/``vision_lengths``), with errors naming the file and key."""
+    try:
+        with open(path, "rb") as f:
+            sample = pickle.load(f)
+    except OSError:
+        raise
+    except Exception as error:  # pickle raises UnpicklingError, EOFError, ValueError, ... for what is no pickle
+        raise ValueError(f"{path} is not a readable pickle of one sample's features ({type(error).__name__}: "
+                         f"{error})") from error
+    if not isinstance(sample, Mapping):
+        raise ValueError(f"{path} holds a {type(sample).__name__}; MMSA_test wants a dict of one sample's features")
+    out = {}
+    for key, ndim in (("text_bert", 2), ("audio", 2), ("vision", 2)):
+        if key not in sample:
+            raise KeyError(f"{path} has no '{key}' (it has: {', '.join(map(str, sample))}); EMT-DLFR reads "
+                           "text_bert (token ids, mask, segment ids: (3, l)), audio (t_a, f_a) and vision (t_v, f_v)")
+        value = np.asarray(sample[key], dtype=np.float32)
+        if value.ndim != ndim or 0 in value.shape:
+            raise ValueError(f"{path}: '{key}' has shape {value.shape}; one sample's features without the batch "
+                             "axis are wanted (text_bert (3, l), audio (t_a, f_a), vision (t_v, f_v))")
+        out[key] = value
+    if out["text_bert"].shape[0] != 3:
+        raise ValueError(f"{path}: 'text_bert' has shape {out['text_bert'].shape}, not (3, l)")
+    for name in ("audio", "vision"):
+        out[f"{name}_lengths"] = _sample_length(sample, name, out[name], path)
+    return out
+
+
+def _sample_length(sample: Mapping[str, Any], name: str, frames: np.ndarray, path: Any) -> int:
+    """The number of real frames of ``name``: ``<name>_lengths`` from the sample, else the full length, refusing
+    trailing all-zero frames (padding in MMSA's feature files) rather than reading them as real."""
+    key, total = f"{name}_lengths", frames.shape[0]
+    if key not in sample:
+        real = np.flatnonzero(np.any(frames != 0, axis=1))
+        trailing = total - (int(real[-1]) + 1 if real.size else 0)
+        if trailing:
+            raise ValueError(f"{path}: the last {trailing} of the {total} frames of '{name}' are all zeros and the "
+                             f"sample has no '{key}'; zero frames at the end are padding in MMSA's feature files and "
+                             f"would be read as real frames. Add '{key}' (the number of real frames, e.g. from the "
+                             f"split's '{key}'; {total} if the zero frames are real)")
+        return total
+    value = np.asarray(sample[key]).reshape(-1)
+    if value.size != 1 or value.dtype.kind not in "iuf" or not float(value[0]).is_integer() \
+            or not 0 <= value[0] <= total:
+        raise ValueError(f"{path}: '{key}' must be one whole number of frames in [0, {total}] (the length of "
+                         f"'{name}'), got {sample[key]!r}")
+    return int(value[0])
+
+
+def mmsa_test(config: Any, weights_path: str | os.PathLike, feature_path: str | os.PathLike,
+              gpu_id: int = 0) -> Any:
+    """``MMSA_test`` (one sample's prediction from saved weights). For mmsa-emt's models: the weights are loaded
+    strictly (``load_weights``), an unreadable weights or feature file is named, and audio/vision are read up to
+    the sample's ``audio_lengths``/``vision_lengths`` (without them, trailing all-zero frames are refused). Other
+    models go to MMSA's own ``MMSA_test``."""
+    args = _test_args(config)
+    if not _is_ours(args):
+        return _ORIGINAL_MMSA_TEST(config, weights_path, feature_path, gpu_id)
+    sample = _read_test_sample(feature_path)
+    device = torch.device("cpu") if gpu_id < 0 else settings.checked_assign_gpu([gpu_id])  # absent: an error
+    lengths = {name: max(sample[f"{name}_lengths"], 1) for name in ("audio", "vision")}  # the model reads >= 1
+    inputs = {"text": sample["text_bert"], **{name: sample[name][:lengths[name]] for name in ("audio", "vision")}}
+    args = EasyDict(dict(args))
+    dims = list(args.get("feature_dims") or [768, 0, 0])
+    args.update(train_mode="regression", device=device,
+                feature_dims=[dims[0], inputs["audio"].shape[1], inputs["vision"].shape[1]],
+                seq_lens=[inputs["text"].shape[1], inputs["audio"].shape[0], inputs["vision"].shape[0]])
+    model = AMIO(args)
+    load_weights(model, _load_checkpoint(weights_path, map_location="cpu"), source=str(weights_path))
+    model.to(device).eval()
+    batch = {k: torch.from_numpy(v)[None].to(device) for k, v in inputs.items()}
+    with torch.no_grad():
+        output = model(batch["text"], batch["audio"], batch["vision"], torch.tensor([lengths["audio"]]),
+                       torch.tensor([lengths["vision"]]))["M"]
+    return output.cpu().numpy()[0][0]
 
 
 def register() -> None:
@@ -734,9 +1034,13 @@ def register() -> None:
     mmsa_run.get_config_regression = _config_regression
     mmsa_run.get_config_tune = _config_tune
     mmsa_run.assign_gpu = settings.checked_assign_gpu  # a GPU asked for and absent is an error, not the CPU
-    mmsa_run.torch = _Delegate(torch, cuda=_Delegate(torch.cuda, set_device=_set_device_if_cuda))
+    mmsa_run.torch = _Delegate(torch, cuda=_Delegate(torch.cuda, set_device=_set_device_if_cuda),
+                               load=_load_checkpoint)
     mmsa_run.round = _plain_round
     mmsa_run._set_logger = _set_logger_once
+    mmsa_run._run = _run_noting_result_keys
+    mmsa_run.pd = _Delegate(pd, read_csv=_mmsa_read_csv, DataFrame=_mmsa_data_frame)
+    mmsa_run.MMSA_test = MMSA.MMSA_test = mmsa_test  # MMSA/__init__ binds the function itself
     _mend_builtin_models()
     mmsa_data_loader.MMDataset = _MMDataset  # MMDataLoader reads this global at call time
     MetricsTop.getMetics = _get_metics

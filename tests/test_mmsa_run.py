@@ -87,7 +87,8 @@ def test_mmsa_test_predicts_from_saved_weights(workspace, tmp_path):
     with open(tmp_path / "dataset" / FEATURE_FILES["mosi"], "rb") as f:
         test = pickle.load(f)["test"]
     sample = {"text": test["text"][0], "text_bert": test["text_bert"][0], "audio": test["audio"][0],
-              "vision": test["vision"][0]}
+              "vision": test["vision"][0], "audio_lengths": test["audio_lengths"][0],
+              "vision_lengths": test["vision_lengths"][0]}  # the frames after these are padding
     feature_path = tmp_path / "sample.pkl"
     feature_path.write_bytes(pickle.dumps(sample))
 
@@ -100,7 +101,8 @@ def test_mmsa_test_predicts_from_saved_weights(workspace, tmp_path):
     model.eval()
     as_batch = lambda key: torch.from_numpy(sample[key]).float()[None]  # noqa: E731
     with torch.no_grad():
-        expected = model(as_batch("text_bert"), as_batch("audio"), as_batch("vision"))["M"].item()
+        expected = model(as_batch("text_bert"), as_batch("audio"), as_batch("vision"),
+                         torch.tensor([sample["audio_lengths"]]), torch.tensor([sample["vision_lengths"]]))["M"].item()
     assert isinstance(float(prediction), float)
     assert float(prediction) == pytest.approx(expected, abs=1e-6)
 
