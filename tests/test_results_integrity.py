@@ -94,7 +94,7 @@ def test_mmsa_run_of_two_models_into_one_results_folder(workspace, tmp_path, ord
     csv.parent.mkdir(parents=True)
     csv.write_text("Model,MAE\nolder,\"(1.0, 2.0)\"\n")  # a row of an older run with other columns
     for model in order:
-        MMSA_run(model, "mosi", config_file=str(config), config={"early_stop": 1}, seeds=[1], gpu_ids=[0],
+        MMSA_run(model, "mosi", config_file=str(config), config={"early_stop": 1}, seeds=[1], gpu_ids=[],
                  num_workers=0, **run_dirs(tmp_path))
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
     assert list(frame["Model"]) == ["older", *[m.lower() for m in order]]
@@ -139,7 +139,7 @@ def test_placeholder_of_a_killed_run_is_not_reused_and_not_loaded(workspace, tmp
     placeholder = tmp_path / "models" / "emt-dlfr-mosi-seed3.pth"
     placeholder.parent.mkdir()
     placeholder.touch()  # what a run killed before its first checkpoint leaves
-    MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[3], gpu_ids=[0], num_workers=0,
+    MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[3], gpu_ids=[], num_workers=0,
              **run_dirs(tmp_path))
     assert placeholder.stat().st_size == 0
     assert (tmp_path / "models" / "emt-dlfr-mosi-seed3-1.pth").stat().st_size > 0
@@ -161,7 +161,7 @@ def test_failed_run_frees_its_checkpoint_name_and_log_lines_carry_the_process(wo
     monkeypatch.setattr(compat, "fit", failing_fit)
     config = workspace("mosi", scale=0.03)
     with pytest.raises(RuntimeError, match="planted failure"):
-        MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[4], gpu_ids=[0], num_workers=0,
+        MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[4], gpu_ids=[], num_workers=0,
                  **run_dirs(tmp_path))
     assert list((tmp_path / "models").iterdir()) == []
     log = (tmp_path / "logs" / "emt-dlfr-mosi.log").read_text()
