@@ -116,8 +116,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(table.to_string(formatters={c: "{:,}".format for c in table.columns}))
         print("The BERT pooler is counted (as in the authors' code) but frozen: neither implementation uses it.")
     elif args.command == "robustness":
-        from .robustness import sweep
+        from .robustness import check_settings, sweep
 
+        try:  # every setting is checked before anything is trained; a bad one is a usage error naming the option
+            check_settings(args.dataset.lower(), rates=args.rates, modality_rates=args.modality_rates,
+                           seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate)
+        except ValueError as error:
+            robust.error(str(error))
         sweep(args.model, args.dataset, args.config, rates=args.rates, modality_rates=args.modality_rates,
               seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate, out_dir=args.out,
               gpu_ids=args.gpu_ids, num_workers=args.num_workers, overrides=parse_overrides(args.set))

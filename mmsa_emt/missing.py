@@ -68,7 +68,9 @@ def incomplete_view_file(source: str | Path, rates: Sequence[float], seeds: Sequ
     """Writes (once) and returns a feature file holding the incomplete view of ``source`` at ``rates``."""
     source = Path(source)
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}|{stat.st_size}|{list(rates)}|{list(seeds)}".encode()).hexdigest()[:12]
+    # the modification time too: a source rewritten with the same size (e.g. corrected labels) gets a new file
+    stamp = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{list(rates)}|{list(seeds)}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
     rate_tag = "-".join(f"{r:g}" for r in rates)
     target = Path(cache_dir) / f"{source.stem}-missing{rate_tag}-{key}.pkl"
     if not target.exists():

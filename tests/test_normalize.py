@@ -13,7 +13,7 @@ import pytest
 from conftest import FEATURE_FILES, run_dirs
 from MMSA import MMSA_run
 
-from mmsa_emt import mmsa_compat
+from mmsa_emt import mmsa_compat, robustness
 from mmsa_emt.cli import main
 from mmsa_emt.data_check import FeatureFileError
 from mmsa_emt.missing import drop_features
@@ -236,12 +236,14 @@ def test_sweep_gives_every_model_the_same_input(workspace, tmp_path):
     config = workspace("sims", scale=0.03)
     seen = []
 
-    def fake_trial(spec, config_file, **kwargs):
-        seen.append((spec.model, kwargs["overrides"]["normalize_features"]))
-        return [{"model": spec.model, "dataset": spec.dataset, "protocol": spec.protocol, "train_rate_t": 0.0,
-                 "train_rate_a": 0.0, "train_rate_v": 0.0, "rate_t": 0.0, "rate_a": 0.0, "rate_v": 0.0,
-                 "seed": spec.seed, "config_hash": "-", "MAE": 1.0, "Corr": 0.0, "checkpoint": "-", "seconds": 0.0,
-                 "finished_at": "-"}]
+    def fake_trial(spec, config_file, *, out_dir, overrides, **kwargs):
+        seen.append((spec.model, overrides["normalize_features"]))
+        digest = config_hash(spec.model, spec.dataset, config_file, overrides,
+                             digest_cache=Path(out_dir) / robustness.DIGEST_CACHE)
+        return [{**dict(zip(robustness.KEY_COLUMNS, [spec.model, spec.dataset, spec.protocol, *spec.train_rates,
+                                                     *rates, spec.seed, digest])),
+                 "MAE": 1.0, "Corr": 0.0, "checkpoint": "-", "seconds": 0.0, "finished_at": "-"}
+                for rates in spec.test_rates]
 
     for overrides, value in ((None, True), ({"normalize_features": False}, False)):
         seen.clear()
