@@ -592,7 +592,7 @@ def _unpicklable(kind: str) -> bytes:
     ("empty", "EOFError", "truncated"),
     ("corrupt", "UnpicklingError: invalid load key", "corrupt or is not a pickle"),
     ("not a pickle", "UnpicklingError", "corrupt or is not a pickle"),
-    ("module not importable", "ModuleNotFoundError: No module named 'mmsa_missing_pkg'", "class that cannot be imported"),
+    ("module not importable", "ModuleNotFoundError: No module named 'mmsa_missing_pkg'", "cannot be imported"),
     ("class not in its module", "AttributeError: Can't get attribute 'NoSuchClass'", "class that cannot be imported"),
 ])
 @pytest.mark.parametrize("loader", ["check_feature_file", "load_feature_file"])
