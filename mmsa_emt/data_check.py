@@ -1,7 +1,8 @@
 """Validation of MMSA feature files (``.pkl``) before training.
 
 An MMSA feature file is a pickled dict ``{'train': {...}, 'valid': {...},
-'test': {...}}``; each split holds, for N samples:
+'test': {...}}``. Being a pickle, loading it can run arbitrary code: only load
+files from sources you trust. Each split holds, for N samples:
 
 * ``text_bert`` (N, 3, L): token ids / attention mask / segment ids (BERT models)
 * ``text`` (N, L, Dt): text features (non-BERT models)
@@ -237,20 +238,41 @@ def _load(path: Path, ctx: _Ctx) -> Any:
         raise FeatureFileNotFoundError(message, path=path)
     if not path.is_file():
         raise ctx.error("is not a regular file")
+    # The file exists, so the config found it: from here on its errors are about the file itself, not about
+    # dataset_root_dir/featurePath, and carry no config hint.
     try:
         with path.open("rb") as f:
             return pickle.load(f)
     except OSError as exc:
-        raise ctx.error(f"cannot be read ({type(exc).__name__}: {exc})") from exc
-    except Exception as exc:  # UnpicklingError, EOFError, ModuleNotFoundError, ...
-        raise ctx.error(
-            f"is not a readable pickle ({type(exc).__name__}: {exc})"
+        raise FeatureFileError(
+            f"feature file '{path}' exists but cannot be read ({type(exc).__name__}: {exc})", path=path
         ) from exc
+    except Exception as exc:  # UnpicklingError, EOFError, ModuleNotFoundError, ... (unpickling runs any code)
+        raise FeatureFileError(_unpickling_message(path, exc), path=path) from exc
+
+
+def _unpickling_message(path: Path, exc: Exception) -> str:
+    """Why ``path`` could not be unpickled, with the underlying error and what usually causes it."""
+    cause = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, EOFError) or "truncated" in str(exc):
+        likely = "the file is empty or truncated (an interrupted download or copy?)"
+    elif isinstance(exc, (ImportError, AttributeError)):
+        likely = ("it was pickled with a class that cannot be imported here (a package or version missing from "
+                  "this environment?)")
+    else:
+        likely = "the file is corrupt or is not a pickle (MMSA's feature files are pickled dicts)"
+    return f"feature file '{path}' exists but could not be unpickled ({cause}): {likely}"
 
 
 def load_feature_file(path: str | os.PathLike[str], *, config_hint: str = "") -> Any:
     """The unpickled content of an MMSA feature file, with :func:`check_feature_file`'s errors for a file that is
-    missing or unreadable (its content is not checked)."""
+    missing or unreadable (its content is not checked).
+
+    A ``.pkl`` feature file is a pickle, MMSA's own format, and unpickling it can run arbitrary code: only load
+    files from sources you trust. ``config_hint`` (where the path came from) is added only when the file is
+    missing; a file that exists but cannot be read or unpickled raises :class:`FeatureFileError` naming it and
+    the underlying error.
+    """
     path = Path(path)
     return _load(path, _Ctx(path, config_hint))
 
@@ -270,8 +292,11 @@ def check_feature_file(
     ``need_lengths``: require ``audio_lengths`` / ``vision_lengths`` (unaligned data).
     ``extra_label_keys``: further label keys to require, e.g. SIMS'
     ``('regression_labels_T', 'regression_labels_A', 'regression_labels_V')``.
-    ``config_hint``: where the path came from; appended to every error message.
+    ``config_hint``: where the path came from; appended to the error messages, except for a file that exists
+    but cannot be read or unpickled (the path is right; the file is not).
     ``data``: the file's content when it is already loaded (:func:`load_feature_file`); not read again.
+
+    Unless ``data`` is given the file is unpickled, which can run arbitrary code: see :func:`load_feature_file`.
 
     Raises :class:`FeatureFileNotFoundError` (a :class:`FeatureFileError` and a
     ``FileNotFoundError``) if the file is missing and :class:`FeatureFileError`

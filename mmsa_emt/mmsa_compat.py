@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import builtins
 import copy
+import dataclasses
 import functools
 import importlib
 import json
@@ -474,6 +475,16 @@ class EMTDLFRTrainer:
         self.progress = int(args.get("verbose_level", 1)) > 0
         self.speed = speed_config_from_args(args)
         how = " ('auto': bf16 where the device multiplies it natively)" if args.get("precision") == "auto" else ""
+        self.authors_training = args.get("authors_training", False)
+        if not isinstance(self.authors_training, bool):
+            raise ValueError(f"authors_training must be true or false, got {self.authors_training!r} "
+                             f"(config file {args.get('config_file', '?')})")
+        if self.authors_training:  # docs/differences.md: the authors' training semantics
+            if self.speed.precision != "fp32":
+                how = f" (authors_training: fp32 as the authors, not precision={args.get('precision')!r})"
+            self.speed = dataclasses.replace(self.speed, precision="fp32")
+            logger.info("authors_training: fp32, and each epoch's last partial accumulation group dropped as the "
+                        "authors' loop does")
         logger.info(f"precision {self.speed.precision} on {self.device}{how}")
 
     def metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -499,7 +510,8 @@ class EMTDLFRTrainer:
                          minimize=self.key_metric in MINIMIZED_KEYS, early_stop=int(args.get("early_stop", 8)),
                          max_epochs=args.get("max_epochs"), update_every=int(args.get("update_epochs", 1)),
                          save_path=save_path, checkpoint_prefix="Model.", device=self.device,
-                         progress=self.progress, logger=logger, on_epoch_end=on_epoch_end, speed=self.speed)
+                         progress=self.progress, logger=logger, on_epoch_end=on_epoch_end, speed=self.speed,
+                         last_partial_group="drop" if self.authors_training else "step")
         except BaseException:
             _drop_placeholder(save_path)  # a failed run frees the name it reserved (weights written are kept)
             raise

@@ -235,9 +235,23 @@ def _progress(batches: Iterable, desc: str, show: bool) -> tqdm:
 def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: torch.optim.Optimizer,
                     weights: LossWeights, *, update_every: int = 1, device: torch.device | str = "cpu",
                     desc: str = "train", progress: bool = True, speed: SpeedConfig | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> EpochResult:
-    """One pass; gradients accumulate over ``update_every`` mini-batches (summed, as the authors) and the epoch's
-    last partial group is stepped too. ``scaler`` scales the loss for fp16."""
+                    scaler: torch.amp.GradScaler | None = None, last_partial_group: str = "step") -> EpochResult:
+    """One pass; gradients accumulate over ``update_every`` mini-batches (summed, as the authors). ``scaler``
+    scales the loss for fp16.
+
+    ``last_partial_group``: what happens to the epoch's last group when it has fewer than ``update_every``
+    mini-batches: ``"step"`` (default) steps the optimizer on it; ``"drop"`` discards its gradients without a
+    step, as the authors' loop does (it steps only full groups; the next epoch's ``zero_grad`` clears the rest).
+    Its mini-batches still count in the epoch's loss and predictions, as in theirs. With ``"drop"`` an epoch of
+    fewer than ``update_every`` mini-batches would never step: that is an error.
+    """
+    if last_partial_group not in LAST_PARTIAL_GROUP:
+        raise ValueError(f"last_partial_group='{last_partial_group}' is not one of {list(LAST_PARTIAL_GROUP)}")
+    if update_every < 1:
+        raise ValueError(f"update_every={update_every}: gradients accumulate over at least 1 mini-batch")
+    drop = last_partial_group == "drop"
+    if drop and isinstance(batches, Sized) and len(batches) < update_every:
+        raise ValueError(_never_steps(len(batches), update_every))
     speed = speed or SpeedConfig()
     scaler = scaler or torch.amp.GradScaler(torch.device(device).type, enabled=speed.precision == "fp16")
     model.train()
@@ -255,7 +269,8 @@ def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: 
             with speed.autocast(device), casts.applied(device):
                 out = compute_loss(model, batch, weights)
             scaler.scale(out.total).backward()
-            if (i + 1) % update_every == 0 or (n_batches is not None and i + 1 == n_batches):
+            last = not drop and n_batches is not None and i + 1 == n_batches
+            if (i + 1) % update_every == 0 or last:
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -268,11 +283,23 @@ def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: 
             labels.append(batch.labels.reshape(-1))
             if progress and i % 10 == 0:
                 bar.set_postfix(loss=f"{out.total.item():.4f}")
-        if n_batches is None and (i + 1) % update_every:
+        if drop:
+            if 0 < i + 1 < update_every:  # an unsized iterable, found too short only now
+                raise ValueError(_never_steps(i + 1, update_every))
+            optimizer.zero_grad(set_to_none=True)  # the partial group's gradients, discarded
+        elif n_batches is None and (i + 1) % update_every:
             scaler.step(optimizer)  # unsized iterable: flush the last partial group
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
     return _epoch_result(total_loss, pred_loss, i + 1, preds, labels)
+
+
+LAST_PARTIAL_GROUP = ("step", "drop")
+
+
+def _never_steps(n_batches: int, update_every: int) -> str:
+    return (f"the epoch has {n_batches} mini-batches, fewer than update_epochs={update_every}: with the last partial "
+            "group dropped (authors_training) the optimizer would never step; lower update_epochs or the batch size")
 
 
 @torch.no_grad()
@@ -404,11 +431,14 @@ def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: It
         minimize: bool = True, early_stop: int = 8, max_epochs: int | None = None, update_every: int = 1,
         save_path: Path, checkpoint_prefix: str = "", device: torch.device | str = "cpu", progress: bool = True,
         logger: logging.Logger | None = None, speed: SpeedConfig | None = None,
-        on_epoch_end: Callable[[int, dict[str, float], dict[str, float]], None] | None = None) -> FitResult:
+        on_epoch_end: Callable[[int, dict[str, float], dict[str, float]], None] | None = None,
+        last_partial_group: str = "step") -> FitResult:
     """Trains until ``key_metric`` on the validation set has not improved for ``early_stop`` epochs (or
     ``max_epochs``); the best weights are saved to ``save_path`` (``BestCheckpoint``: on CUDA by a thread while
     training goes on) and loaded back into ``model`` at the end (unless the last epoch was the best: ``model``
-    holds them already)."""
+    holds them already). ``last_partial_group``: see ``train_one_epoch`` (checked before the first batch)."""
+    if last_partial_group not in LAST_PARTIAL_GROUP:
+        raise ValueError(f"last_partial_group='{last_partial_group}' is not one of {list(LAST_PARTIAL_GROUP)}")
     log = logger or logging.getLogger(__name__)
     speed = speed or SpeedConfig()
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=speed.precision == "fp16")
@@ -417,7 +447,8 @@ def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: It
     while max_epochs is None or epoch < max_epochs:
         epoch += 1
         train = train_one_epoch(model, train_batches, optimizer, weights, update_every=update_every, device=device,
-                                desc=f"epoch {epoch} train", progress=progress, speed=speed, scaler=scaler)
+                                desc=f"epoch {epoch} train", progress=progress, speed=speed, scaler=scaler,
+                                last_partial_group=last_partial_group)
         valid = evaluate(model, valid_batches, weights, device=device, desc=f"epoch {epoch} valid",
                          progress=progress, speed=speed)
         if not math.isfinite(train.loss):

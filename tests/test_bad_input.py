@@ -105,3 +105,14 @@ def test_unknown_names_list_the_known_ones(workspace):
         load_config("nonet", "mosi", config)
     with pytest.raises(KeyError, match="config_file='config/config_regression.json'"):
         load_config("EMT-DLFR", "mosi")  # MMSA's own default config has no entry for it
+
+
+def test_a_feature_file_that_does_not_unpickle_is_named_and_the_config_is_not_blamed(workspace, tmp_path):
+    config = workspace()
+    path = tmp_path / "dataset" / FEATURE_FILES["mosi"]
+    path.write_bytes(path.read_bytes()[:1000])  # an interrupted download
+    with pytest.raises(FeatureFileError) as error:
+        run(config, tmp_path)
+    text = str(error.value)
+    assert f"'{path}' exists but could not be unpickled (UnpicklingError: pickle data was truncated)" in text
+    assert "dataset_root_dir" not in text and "featurePath" not in text

@@ -13,6 +13,7 @@ from mmsa_emt.data_check import (
     FeatureFileNotFoundError,
     FeatureReport,
     check_feature_file,
+    load_feature_file,
     zero_nonfinite,
 )
 
@@ -564,3 +565,71 @@ def test_error_is_value_error(tmp_path, data):
     del data["train"]["id"]
     with pytest.raises(ValueError):
         check_feature_file(write(tmp_path, data))
+
+
+# --------------------------------------------------------------------------- files that exist but do not unpickle
+
+CONFIG_HINT = (
+    "built from datasetCommonParams.dataset_root_dir='/data' + "
+    "datasetCommonParams.mosi.unaligned.featurePath='MOSI/Processed/unaligned_50.pkl' in config.json"
+)
+
+
+def _unpicklable(kind: str) -> bytes:
+    valid = pickle.dumps(make_data(), protocol=4)
+    return {
+        "truncated": valid[: len(valid) // 2],
+        "empty": b"",
+        "corrupt": valid[:11] + b"\xff" + valid[12:],  # the first opcode after PROTO and FRAME
+        "not a pickle": b"this is not a pickle",
+        "module not importable": b"cmmsa_missing_pkg.features\nFeatureTable\n)\x81.",
+        "class not in its module": b"cmath\nNoSuchClass\n)\x81.",
+    }[kind]
+
+
+@pytest.mark.parametrize("kind,cause,likely", [
+    ("truncated", "UnpicklingError: pickle data was truncated", "truncated"),
+    ("empty", "EOFError", "truncated"),
+    ("corrupt", "UnpicklingError: invalid load key", "corrupt or is not a pickle"),
+    ("not a pickle", "UnpicklingError", "corrupt or is not a pickle"),
+    ("module not importable", "ModuleNotFoundError: No module named 'mmsa_missing_pkg'", "cannot be imported"),
+    ("class not in its module", "AttributeError: Can't get attribute 'NoSuchClass'", "class that cannot be imported"),
+])
+@pytest.mark.parametrize("loader", ["check_feature_file", "load_feature_file"])
+def test_a_file_that_does_not_unpickle_is_named_without_blaming_the_config(tmp_path, kind, cause, likely, loader):
+    """The path was right (the file exists): the error names the file and the unpickling error, and does not
+    point at dataset_root_dir/featurePath, which only a missing file does."""
+    path = tmp_path / "unaligned_50.pkl"
+    path.write_bytes(_unpicklable(kind))
+    load = check_feature_file if loader == "check_feature_file" else load_feature_file
+    with pytest.raises(FeatureFileError) as info:
+        load(path, config_hint=CONFIG_HINT)
+    message = str(info.value)
+    assert f"feature file '{path}' exists but could not be unpickled" in message
+    assert cause in message and likely in message
+    assert "dataset_root_dir" not in message and "featurePath" not in message
+    assert not isinstance(info.value, FileNotFoundError)
+    assert info.value.path == path and info.value.__cause__ is not None
+
+
+def test_an_unreadable_file_is_named_without_blaming_the_config(tmp_path, monkeypatch):
+    path = tmp_path / "unaligned_50.pkl"
+    path.write_bytes(pickle.dumps(make_data()))
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refused)  # chmod does not stop a root user
+    with pytest.raises(FeatureFileError) as info:
+        load_feature_file(path, config_hint=CONFIG_HINT)
+    monkeypatch.undo()
+    message = str(info.value)
+    assert f"feature file '{path}' exists but cannot be read (PermissionError" in message
+    assert "dataset_root_dir" not in message
+
+
+def test_only_a_missing_file_gets_the_config_hint(tmp_path, data):
+    missing = tmp_path / "unaligned_50.pkl"
+    with pytest.raises(FileNotFoundError, match="dataset_root_dir='/data'"):
+        load_feature_file(missing, config_hint=CONFIG_HINT)
+    assert load_feature_file(write(tmp_path, data), config_hint=CONFIG_HINT).keys() == data.keys()
