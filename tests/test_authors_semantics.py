@@ -153,7 +153,7 @@ def test_authors_training_reaches_the_trainer_from_the_config(workspace, tmp_pat
     monkeypatch.setattr(mmsa_compat, "auto_precision", lambda device: "bf16")  # as on a GPU or an AMX CPU
     config = workspace(common={"authors_training": authors_training, "precision": precision})
     with caplog.at_level("INFO", logger="MMSA"), pytest.raises(_Stop):
-        MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[1], gpu_ids=[0], num_workers=0,
+        MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[1], gpu_ids=[], num_workers=0,
                  model_save_dir=tmp_path / "models", res_save_dir=tmp_path / "results", log_dir=tmp_path / "logs")
     assert (seen["speed"].precision, seen["last_partial_group"]) == expected
     logged = caplog.text
@@ -164,7 +164,7 @@ def test_authors_training_reaches_the_trainer_from_the_config(workspace, tmp_pat
 def test_authors_training_must_be_a_boolean(workspace, tmp_path, value):
     config = workspace(common={"authors_training": value})
     with pytest.raises(ValueError, match=f"authors_training must be true or false, got {value!r}"):
-        MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[1], gpu_ids=[0], num_workers=0,
+        MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[1], gpu_ids=[], num_workers=0,
                  model_save_dir=tmp_path / "models", res_save_dir=tmp_path / "results", log_dir=tmp_path / "logs")
 
 
