@@ -45,7 +45,7 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
-from . import model as _model  # noqa: F401  (registers the models)
+from . import dlfr as _dlfr  # noqa: F401  (registers the models)
 from .data_check import FeatureReport, check_feature_file, load_feature_file, zero_nonfinite
 from .metrics import DATASET_METRICS
 from .missing import incomplete_view_file

@@ -3,8 +3,8 @@
 Text goes through BERT ([CLS] = utterance vector h_l, the tokens after it = local sequence), audio and vision
 through LSTMs (h_a, h_v and per-frame outputs). The three utterance vectors, projected to d_model, form the global
 multimodal context G (Eq. 4); the EMT promotes G and the local sequences (Sec. 3.3); the head predicts sentiment
-from [h_l, h_a, h_v, flatten(G)] (Eq. 10). The dual-level feature restoration heads used only in training live in
-``objective.DualLevelRestoration`` and are held here as ``self.restoration`` so that one state dict carries all.
+from [h_l, h_a, h_v, flatten(G)] (Eq. 10). The dual-level feature restoration heads used only in training, and the
+loss, belong to the objective that wraps this network (``dlfr.DLFR``).
 Layer sizes, the order of operations and the parameter count of every part follow the authors' released code
 (models/missingTask/EMT_DLFR.py); attention runs through PyTorch's fused kernel.
 
@@ -23,9 +23,6 @@ from .nn.dropout import Dropout
 from .nn.emt import EMT
 from .nn.encoders import BertTextEncoder, SequenceEncoder, length_mask
 from .nn.transfer import to_device
-from .nn.weight_casts import linear_slots, norm_slots
-from .objective import DualLevelRestoration
-from .registry import register_model
 
 MODALITIES = ("text", "audio", "vision")
 
@@ -141,12 +138,6 @@ class EMTDLFR(nn.Module):
             nn.Linear(c.post_fusion_dim, c.post_fusion_dim), nn.ReLU(),
             nn.Linear(c.post_fusion_dim, 1),
         )
-        inputs = {"text": widths.get("text"), "audio": c.audio_dim, "vision": c.vision_dim}
-        self.restoration = DualLevelRestoration(
-            context_dim=context_dim, utterance_dims=widths, d_model=c.d_model,
-            input_dims={m: inputs[m] for m in self.modalities},
-            predictor_dims={k: v for k, v in c.predictor_dims.items() if k == "context" or k in self.modalities},
-        )
         if not c.numpy_dropout:
             for module in self.modules():
                 if isinstance(module, Dropout):
@@ -205,37 +196,9 @@ class EMTDLFR(nn.Module):
         vision_lengths = torch.full_like(full, vision.shape[1]) if vision_lengths is None else vision_lengths
         return {"M": self.forward_view(text, audio, vision, audio_lengths.cpu(), vision_lengths.cpu()).pred}
 
-    def low_precision_slots(self) -> list[tuple[nn.Module, str]]:
-        """The weights and biases autocast casts in a forward pass (those of every Linear; not BERT's when it
-        stays float32, ``encoder_autocast: false``): what ``nn.weight_casts.ReusedCasts`` casts once."""
-        float32 = self.text_encoder if "text" in self.modalities and not self.config.encoder_autocast else None
-        kept = set() if float32 is None else set(float32.modules())
-        return [(module, attr) for module, attr in linear_slots([self]) if module not in kept]
-
-    def joined_slots(self) -> list[list[tuple[nn.Module, str]]]:
-        """Families of Linear slots a layer reads as one tensor (BERT's query/key/value weights and biases, with
-        ``encoder_fused_qkv``): ``nn.weight_casts.ReusedCasts`` casts each side by side."""
-        return self.text_encoder.joined_slots() if "text" in self.modalities else []
-
-    def gathered_slots(self) -> list[tuple[nn.Module, str]]:
-        """The float32 parameters whose gradients ``nn.weight_casts.ReusedCasts`` accumulates in flat buffers
-        with the Linear weights': those of the LayerNorms, BatchNorms and small embeddings (not BERT's vocabulary
-        table, not the LSTMs')."""
-        return norm_slots([self])
-
-    def parameter_counts(self) -> dict[str, int]:
-        """Parameters per part (shared parameters counted once), as in the authors' code."""
+    def parts(self) -> dict[str, nn.Module]:
+        """The network's parts by the names the parameter counts use."""
         encoders = {"text encoder (BERT)": "text_encoder", "audio LSTM": "audio_encoder",
                     "vision LSTM": "vision_encoder"}
         parts = {name: getattr(self, attr) for name, attr in encoders.items() if hasattr(self, attr)}
-        parts.update({"projections": self.projections, "EMT fusion": self.emt, "prediction head": self.head,
-                      **self.restoration.parts()})
-        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
-        counts["total"] = sum(p.numel() for p in self.parameters())
-        return counts
-
-
-@register_model("emt-dlfr", "emt_dlfr")
-def emt_dlfr(config: EMTDLFRConfig) -> EMTDLFR:
-    """EMT-DLFR as in the paper (arXiv 2208.07589)."""
-    return EMTDLFR(config)
+        return {**parts, "projections": self.projections, "EMT fusion": self.emt, "prediction head": self.head}

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .model import EMTDLFR
-from .nn.weight_casts import ReusedCasts
+from .nn.weight_casts import ReusedCasts, gathered_slots, joined_slots, low_precision_slots
 from .objective import LossOutput, LossWeights, TwoViewBatch, compute_loss
 
 _log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ def build_optimizer(model: EMTDLFR, config: OptimConfig, *, fused: bool | None =
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = name.removeprefix("net.")  # the network inside its DLFR wrapper
         if name.startswith("text_encoder."):
             groups["bert_no_decay" if any(k in name for k in NO_DECAY) else "bert"].append(param)
         elif name.startswith("audio_encoder."):
@@ -151,10 +152,9 @@ class SpeedConfig:
         """The low-precision weight copies one epoch or evaluation reuses (``nn.weight_casts``), with the norms'
         float32 parameters gathered for their gradients; without slots, which change nothing, when not asked for or
         compiled (Inductor fuses the casts into the graph)."""
-        slots = getattr(model, "low_precision_slots", None)
-        if not self.reuse_weight_casts or self.compile or slots is None:
+        if not self.reuse_weight_casts or self.compile:
             return ReusedCasts([])
-        return ReusedCasts(slots(), gathered=model.gathered_slots(), joined=model.joined_slots())
+        return ReusedCasts(low_precision_slots(model), gathered=gathered_slots(model), joined=joined_slots(model))
 
 
 def compile_model(model: EMTDLFR, *, backend: str | Callable = "inductor") -> EMTDLFR:
@@ -166,8 +166,9 @@ def compile_model(model: EMTDLFR, *, backend: str | Callable = "inductor") -> EM
     ``checkpoint_fusion`` at several call sites crash TorchDynamo (pytorch/pytorch#193194). A part whose compiler
     backend fails runs eagerly from then on, with a warning (``_compiled_or_eager``).
     """
+    net = getattr(model, "net", model)  # the network inside its DLFR wrapper
     for part in ("text_encoder", "emt"):
-        module = getattr(model, part, None)
+        module = getattr(net, part, None)
         if module is not None:
             module.forward = _compiled_or_eager(module.forward, part, backend)
     return model

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmsa_emt import EMTDLFR
+from mmsa_emt.dlfr import emt_dlfr
 from mmsa_emt.nn.dropout import Dropout, replace_dropouts
 
 
@@ -43,8 +43,8 @@ def test_edge_rates_behave_like_nn_dropout(p):
 
 
 def test_bert_dropouts_are_swapped_and_state_dict_unchanged(tiny_config):
-    model = EMTDLFR(tiny_config())
-    kinds = {type(m) for m in model.text_encoder.modules() if isinstance(m, nn.Dropout)}
+    model = emt_dlfr(tiny_config())
+    kinds = {type(m) for m in model.net.text_encoder.modules() if isinstance(m, nn.Dropout)}
     assert kinds == {Dropout}
     bert = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.2), nn.Sequential(nn.Dropout(0.1)))
     keys = list(bert.state_dict())

@@ -4,7 +4,9 @@ import pytest
 import torch
 from conftest import OpCount, random_batch
 
-from mmsa_emt import EMTDLFR, LossWeights, compute_loss
+from mmsa_emt import LossWeights, compute_loss
+from mmsa_emt.dlfr import emt_dlfr
+from mmsa_emt.nn.weight_casts import gathered_slots, joined_slots, low_precision_slots
 from mmsa_emt.trainer import SpeedConfig
 
 
@@ -46,12 +48,12 @@ def test_fast_mode_computes_what_the_baseline_mode_computes(tiny_config, dtype):
     random model are too ill-conditioned by the BatchNorm heads, whose batch variance of near-identical [CLS]
     vectors is tiny, to compare at 1e-5; benchmarks/check_cuda.py compares them at bert-base size)."""
     torch.manual_seed(0)
-    baseline = EMTDLFR(tiny_config(fused_attention=False, fused_views=False, packed_lstm=True)).train()
+    baseline = emt_dlfr(tiny_config(fused_attention=False, fused_views=False, packed_lstm=True)).train()
     baseline = baseline.to(dtype)
-    fast = EMTDLFR(tiny_config(fused_attention=True, fused_views=True)).train().to(dtype)
+    fast = emt_dlfr(tiny_config(fused_attention=True, fused_views=True)).train().to(dtype)
     fast.load_state_dict(baseline.state_dict())
     for model in (baseline, fast):  # training mode (BatchNorm on batch statistics) without BERT's dropout
-        model.text_encoder.eval()
+        model.net.text_encoder.eval()
     batch = padded_batch(16, dtype)
     trimmed = SpeedConfig(trim_padding=True).prepare(batch, "cpu")
     assert trimmed.text.shape[-1] == 12 and batch.text.shape[-1] == 18
@@ -86,8 +88,8 @@ def test_trimmed_lengths_round_up_to_a_multiple_and_compute_the_same(tiny_config
         SpeedConfig(trim_multiple=0)
 
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config(fused_views=True, stack_modalities="time")).train().double()
-    model.text_encoder.eval()
+    model = emt_dlfr(tiny_config(fused_views=True, stack_modalities="time")).train().double()
+    model.net.text_encoder.eval()
     terms, grads = losses_and_grads(model, batch.trimmed())
     terms8, grads8 = losses_and_grads(model, batch.trimmed(8))
     for key, value in terms.items():
@@ -102,7 +104,7 @@ def test_unknown_precision_is_refused():
 
 
 def test_bf16_autocast_runs_on_cpu(tiny_config):
-    model = EMTDLFR(tiny_config()).train()
+    model = emt_dlfr(tiny_config()).train()
     speed = SpeedConfig(precision="bf16")
     with speed.autocast("cpu"):
         out = compute_loss(model, random_batch(3), LossWeights())
@@ -114,16 +116,16 @@ def test_bf16_autocast_runs_on_cpu(tiny_config):
 def test_encoder_can_stay_float32_under_autocast(tiny_config, encoder_autocast):
     """``encoder_autocast: false`` keeps BERT in float32 inside a bf16 autocast region (the fusion still runs in
     bf16); BERT's output then equals its float32 output, and the step trains every parameter as before."""
-    model = EMTDLFR(tiny_config(encoder_autocast=encoder_autocast)).train()
-    model.text_encoder.eval()  # no dropout: the float32 output is reproducible
+    model = emt_dlfr(tiny_config(encoder_autocast=encoder_autocast)).train()
+    model.net.text_encoder.eval()  # no dropout: the float32 output is reproducible
     text = random_batch(3).text
     linear_dtypes = set()
-    dense = model.text_encoder.bert.encoder.layer[0].attention.output.dense  # a Linear both BERT paths call
+    dense = model.net.text_encoder.bert.encoder.layer[0].attention.output.dense  # a Linear both BERT paths call
     dense.register_forward_hook(lambda _m, _a, out: linear_dtypes.add(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        tokens = model.text_encoder(text)
+        tokens = model.net.text_encoder(text)
     assert linear_dtypes == {torch.bfloat16 if encoder_autocast else torch.float32}
-    assert torch.equal(tokens, model.text_encoder(text)) is not encoder_autocast  # float32: the same numbers
+    assert torch.equal(tokens, model.net.text_encoder(text)) is not encoder_autocast  # float32: the same numbers
     model.train()
     with SpeedConfig(precision="bf16").autocast("cpu"):
         out = compute_loss(model, random_batch(3), LossWeights())
@@ -148,11 +150,11 @@ def test_tf32_for_float32_matmuls_only_inside_a_low_precision_cuda_epoch():
 def test_stacked_modalities_in_the_full_model(tiny_config, stacking):
     """The stacked fusion inside the network: same losses and gradients as the per-modality loop (float64)."""
     torch.manual_seed(0)
-    loop = EMTDLFR(tiny_config(fused_views=True)).train().double()
-    stacked = EMTDLFR(tiny_config(fused_views=True, stack_modalities=stacking)).train().double()
+    loop = emt_dlfr(tiny_config(fused_views=True)).train().double()
+    stacked = emt_dlfr(tiny_config(fused_views=True, stack_modalities=stacking)).train().double()
     stacked.load_state_dict(loop.state_dict())
     for model in (loop, stacked):
-        model.text_encoder.eval()
+        model.net.text_encoder.eval()
     assert_same_losses_and_grads(loop, stacked, padded_batch(8, torch.float64), losses=(1e-9, 1e-9),
                                  grads=(1e-7, 1e-9))
 
@@ -171,7 +173,7 @@ def test_compiled_model_computes_the_same_and_keeps_its_state_dict(tiny_config):
 
     torch.manual_seed(0)
     config = tiny_config(stack_modalities="time", checkpoint_fusion=True, modalities=("audio", "vision"))
-    eager, compiled = EMTDLFR(config).train(), EMTDLFR(config).train()
+    eager, compiled = emt_dlfr(config).train(), emt_dlfr(config).train()
     compiled.load_state_dict(eager.state_dict())
     keys = list(compiled.state_dict())
     compile_model(compiled, backend="aot_eager")
@@ -259,13 +261,13 @@ def test_encoder_checkpointing_recomputes_and_changes_nothing(tiny_config):
     """``checkpoint_encoder``: BERT's layers run again in the backward pass (counted), and losses and gradients are
     those without it, dropout included (float64, same seed)."""
     torch.manual_seed(0)
-    plain = EMTDLFR(tiny_config()).train().double()
-    checkpointed = EMTDLFR(tiny_config(checkpoint_encoder=True)).train().double()
+    plain = emt_dlfr(tiny_config()).train().double()
+    checkpointed = emt_dlfr(tiny_config(checkpoint_encoder=True)).train().double()
     checkpointed.load_state_dict(plain.state_dict())
     batch = padded_batch(8, torch.float64)
     results, calls = [], []
     for model in (plain, checkpointed):
-        layer = model.text_encoder.bert.encoder.layer[0].intermediate  # inside the checkpointed forward
+        layer = model.net.text_encoder.bert.encoder.layer[0].intermediate  # inside the checkpointed forward
         count = []
         handle = layer.register_forward_hook(lambda *_, count=count: count.append(1))
         torch.manual_seed(1)
@@ -288,23 +290,24 @@ def test_casting_bert_weights_once_gives_autocasts_values_and_gradients(tiny_con
     text, results = random_batch(3).text, []
     for cast_once in (False, True):
         torch.manual_seed(0)
-        model = EMTDLFR(tiny_config(encoder_cast_once=cast_once, encoder_fused_qkv=False)).train()
+        model = emt_dlfr(tiny_config(encoder_cast_once=cast_once, encoder_fused_qkv=False)).train()
         with OpCount() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
-            tokens = model.text_encoder(text)
+            tokens = model.net.text_encoder(text)
             tokens.float().square().sum().backward()
-        grads = {n: p.grad for n, p in model.text_encoder.named_parameters() if p.grad is not None}
+        grads = {n: p.grad for n, p in model.net.text_encoder.named_parameters() if p.grad is not None}
         results.append((tokens, grads, ops.n))
     (tokens_each, grads_each, ops_each), (tokens_once, grads_once, ops_once) = results
     assert torch.equal(tokens_once, tokens_each)
     assert grads_once.keys() == grads_each.keys() and len(grads_once) > 20
     for name, grad in grads_each.items():
         assert grads_once[name].dtype == torch.float32 and torch.equal(grads_once[name], grad), name
-    linears = sum(isinstance(m, torch.nn.Linear) for m in model.text_encoder.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.net.text_encoder.modules())
     # autocast: weight + bias cast per Linear, forward and backward (none for the frozen pooler); here a cat and
     # a conversion each way, plus zeros for the pooler's missing gradients
     assert ops_each - ops_once >= 4 * linears - 10
-    assert all(isinstance(getattr(m, attr), torch.nn.Parameter) for m, attr in model.text_encoder._linears)  # restored
-    assert not EMTDLFR(tiny_config(encoder_cast_once=True, checkpoint_encoder=True)).text_encoder.cast_once
+    linears = model.net.text_encoder._linears
+    assert all(isinstance(getattr(m, attr), torch.nn.Parameter) for m, attr in linears)  # restored
+    assert not emt_dlfr(tiny_config(encoder_cast_once=True, checkpoint_encoder=True)).net.text_encoder.cast_once
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
@@ -324,10 +327,10 @@ def test_bert_attention_picks_among_the_fusions_kernels(tiny_config, monkeypatch
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    model = EMTDLFR(tiny_config(checkpoint_encoder=checkpoint))
-    if model.text_encoder.bert.config._attn_implementation != "sdpa":
-        pytest.fail(f"the tiny BERT uses {model.text_encoder.bert.config._attn_implementation!r} attention")
-    model.text_encoder(random_batch(2).text)
+    model = emt_dlfr(tiny_config(checkpoint_encoder=checkpoint))
+    if model.net.text_encoder.bert.config._attn_implementation != "sdpa":
+        pytest.fail(f"the tiny BERT uses {model.net.text_encoder.bert.config._attn_implementation!r} attention")
+    model.net.text_encoder(random_batch(2).text)
     assert seen and set(seen) == {checkpoint}  # math only: the efficient kernel switched off inside BERT
     assert torch.backends.cuda.mem_efficient_sdp_enabled()  # and back on after
 
@@ -346,7 +349,7 @@ def test_berts_ready_made_mask_has_the_dtype_of_its_queries(tiny_config, monkeyp
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
     overrides = {"bf16-cast-once": {"encoder_cast_once": True}, "bf16-bert-fp32": {"encoder_autocast": False}}
-    encoder = EMTDLFR(tiny_config(**overrides.get(case, {}))).text_encoder.train()
+    encoder = emt_dlfr(tiny_config(**overrides.get(case, {}))).net.text_encoder.train()
     if case == "fp64":
         encoder.double()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.startswith("bf16"))
@@ -375,7 +378,7 @@ def test_bert_gets_a_ready_made_mask_without_the_host_sync(tiny_config, monkeypa
     outputs = []
     for ready_made in (False, True):
         torch.manual_seed(0)
-        encoder = EMTDLFR(tiny_config(encoder_fused_qkv=False)).text_encoder.train()  # transformers' forward
+        encoder = emt_dlfr(tiny_config(encoder_fused_qkv=False)).net.text_encoder.train()  # transformers' forward
         if not ready_made:
             monkeypatch.setattr(encoder, "attention_mask", lambda mask, dtype: mask)
         asked.clear()
@@ -441,7 +444,7 @@ def test_fused_qkv_falls_back_where_it_cannot_run(tiny_bert, tiny_config, caplog
     encoder.bert.config.chunk_size_feed_forward = 4
     assert "chunk_size_feed_forward" in unsupported(encoder.bert)
     assert "is not a BertModel" in unsupported(torch.nn.Linear(2, 2))
-    assert EMTDLFR(tiny_config()).text_encoder.fused_qkv  # on by default
+    assert emt_dlfr(tiny_config()).net.text_encoder.fused_qkv  # on by default
 
 
 def test_fused_qkv_bert_compiles_without_graph_breaks(tiny_bert):
@@ -483,7 +486,7 @@ def test_reused_weight_casts_train_and_evaluate_exactly_as_autocast(tiny_config,
     results = []
     for reuse in (False, True):
         torch.manual_seed(0)  # the fusion as shipped for CUDA: joined along time, feed-forward recomputed
-        model = EMTDLFR(tiny_config(attn_dropout=0.2, ff_dropout=0.1, post_fusion_dropout=0.2,
+        model = emt_dlfr(tiny_config(attn_dropout=0.2, ff_dropout=0.1, post_fusion_dropout=0.2,
                                     stack_modalities="time", checkpoint_fusion=True))
         speed = SpeedConfig(precision=precision, reuse_weight_casts=reuse)  # fp16: with loss scaling
         casts_made.clear()
@@ -506,20 +509,20 @@ def test_reused_weight_casts_cover_what_autocast_casts(tiny_config):
     pooler); outside autocast nothing is swapped."""
     from mmsa_emt.nn.weight_casts import ReusedCasts
 
-    model = EMTDLFR(tiny_config())
-    slots = model.low_precision_slots()
+    model = emt_dlfr(tiny_config())
+    slots = low_precision_slots(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(slots) == sum(1 + (m.bias is not None) for m in linears)
-    bert = set(model.text_encoder.modules())
-    assert not any(m in bert for m, _ in EMTDLFR(tiny_config(encoder_autocast=False)).low_precision_slots())
+    bert = set(model.net.text_encoder.modules())
+    assert not any(m in bert for m, _ in low_precision_slots(emt_dlfr(tiny_config(encoder_autocast=False))))
     casts = ReusedCasts(slots)
-    pooler = model.text_encoder.bert.pooler.dense
+    pooler = model.net.text_encoder.bert.pooler.dense
     with casts.applied("cpu"):
-        assert model.head[1].weight.dtype == torch.float32  # no autocast: nothing swapped
+        assert model.net.head[1].weight.dtype == torch.float32  # no autocast: nothing swapped
     with torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
-        assert model.head[1].weight.dtype == torch.bfloat16 and model.head[1].weight.grad_fn is not None
+        assert model.net.head[1].weight.dtype == torch.bfloat16 and model.net.head[1].weight.grad_fn is not None
         assert pooler.weight.dtype == torch.bfloat16 and pooler.weight.grad_fn is None
-    assert isinstance(model.head[1].weight, torch.nn.Parameter)
+    assert isinstance(model.net.head[1].weight, torch.nn.Parameter)
 
 
 def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
@@ -548,14 +551,14 @@ def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
 
     counts = []
     for reuse in (False, True):
-        model = EMTDLFR(tiny_config())
+        model = emt_dlfr(tiny_config())
         optimizer = build_optimizer(model, OptimConfig())
         speed = SpeedConfig(precision="bf16", reuse_weight_casts=reuse)
         with OpCount() as ops:
             train_one_epoch(model, [random_batch(3, seed=i) for i in range(2)], optimizer, LossWeights(),
                             update_every=2, progress=False, speed=speed)
         counts.append(ops.n)
-    slots = len(ReusedCasts(model.low_precision_slots()).slots)
+    slots = len(ReusedCasts(low_precision_slots(model)).slots)
     # per batch: a weight cast forward and a gradient cast backward per slot; an accumulation per slot in batch 2
     assert counts[0] - counts[1] >= 4 * slots
 
@@ -571,8 +574,8 @@ def test_reused_casts_in_groups_give_autocasts_gradients(tiny_config, group_size
     grads = []
     for reuse in (False, True):
         torch.manual_seed(0)
-        model = EMTDLFR(tiny_config(attn_dropout=0.2)).train()
-        casts = ReusedCasts(model.low_precision_slots(), joined=model.joined_slots(), group_size=group_size)
+        model = emt_dlfr(tiny_config(attn_dropout=0.2)).train()
+        casts = ReusedCasts(low_precision_slots(model), joined=joined_slots(model), group_size=group_size)
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 if reuse:
@@ -598,14 +601,14 @@ def test_norm_parameters_accumulate_their_gradients_in_flat_buffers(tiny_config)
     from mmsa_emt.nn.weight_casts import ReusedCasts, norm_slots
 
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config(ff_dropout=0.1)).train()
-    gathered = model.gathered_slots()
+    model = emt_dlfr(tiny_config(ff_dropout=0.1)).train()
+    gathered = gathered_slots(model)
     assert {type(m) for m, _ in gathered} == {torch.nn.LayerNorm, torch.nn.BatchNorm1d, torch.nn.Embedding}
-    slotted = {id(getattr(m, a)) for m, a in model.low_precision_slots() + gathered}
+    slotted = {id(getattr(m, a)) for m, a in low_precision_slots(model) + gathered}
     lstms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LSTM) for p in m.parameters()}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable - slotted == lstms
-    words = model.text_encoder.bert.embeddings.word_embeddings
+    words = model.net.text_encoder.bert.embeddings.word_embeddings
     assert (words, "weight") in gathered
     assert (words, "weight") not in norm_slots([model], largest=words.weight.numel() - 1)
     assert norm_slots([torch.nn.Embedding(5, 3, max_norm=1.0)]) == []  # renormalised in place: not a copy's job
@@ -616,7 +619,7 @@ def test_norm_parameters_accumulate_their_gradients_in_flat_buffers(tiny_config)
     for gather in ([], gathered):
         torch.manual_seed(1)
         model.zero_grad(set_to_none=True)
-        casts = ReusedCasts(model.low_precision_slots(), gathered=gather)
+        casts = ReusedCasts(low_precision_slots(model), gathered=gather)
         with OpCount() as ops:
             for batch in batches:
                 with torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
@@ -643,12 +646,12 @@ def test_fused_bert_reads_each_layers_query_key_value_as_one_cast_piece(tiny_con
     bit: the tests above run the fused encoder.)"""
     from mmsa_emt.nn.weight_casts import ReusedCasts, joined
 
-    model = EMTDLFR(tiny_config()).train()
-    families = model.joined_slots()
-    assert len(families) == 2 * model.text_encoder.bert.config.num_hidden_layers  # weights and biases per layer
-    assert EMTDLFR(tiny_config(encoder_fused_qkv=False)).joined_slots() == []
+    model = emt_dlfr(tiny_config()).train()
+    families = joined_slots(model)
+    assert len(families) == 2 * model.net.text_encoder.bert.config.num_hidden_layers  # weights and biases per layer
+    assert joined_slots(emt_dlfr(tiny_config(encoder_fused_qkv=False))) == []
     for group_size in (64, 2**23):
-        casts = ReusedCasts(model.low_precision_slots(), joined=families, group_size=group_size)
+        casts = ReusedCasts(low_precision_slots(model), joined=families, group_size=group_size)
         for training in (True, False):
             with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16), \
                     casts.applied("cpu"):
@@ -681,7 +684,7 @@ def test_a_failing_compiler_backend_falls_back_to_eager_with_a_warning(tiny_conf
 
     torch.manual_seed(0)
     config = tiny_config(stack_modalities="time", checkpoint_fusion=True, modalities=("audio", "vision"))
-    eager, compiled = EMTDLFR(config).train(), EMTDLFR(config).train()
+    eager, compiled = emt_dlfr(config).train(), emt_dlfr(config).train()
     compiled.load_state_dict(eager.state_dict())
     compile_model(compiled, backend=failing)
     batch = padded_batch(8, torch.float32)

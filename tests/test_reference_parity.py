@@ -13,7 +13,8 @@ import torch
 from conftest import random_batch
 from easydict import EasyDict
 
-from mmsa_emt import EMTDLFR, LossWeights, compute_loss
+from mmsa_emt import LossWeights, compute_loss
+from mmsa_emt.dlfr import emt_dlfr
 from mmsa_emt.mmsa_compat import model_config_from_args
 
 REFERENCE = os.environ.get("EMT_DLFR_REFERENCE")
@@ -84,7 +85,7 @@ def test_same_outputs_as_the_reference(reference_model, tiny_bert, shares):
                 pretrained=str(tiny_bert), model_name="emt-dlfr")
     torch.manual_seed(0)
     theirs = reference_model(args).eval()
-    ours = EMTDLFR(model_config_from_args(args)).eval()
+    ours = emt_dlfr(model_config_from_args(args)).eval()
     mapped = {reference_to_ours(k): v for k, v in theirs.state_dict().items() if reference_to_ours(k)}
     ours.load_state_dict(mapped, strict=True)
 

@@ -67,6 +67,26 @@ def norm_slots(modules: list[nn.Module], *, largest: int = 2**20) -> list[Slot]:
             if isinstance(getattr(m, kind, None), nn.Parameter) and getattr(m, kind).numel() <= largest]
 
 
+def low_precision_slots(model: nn.Module) -> list[Slot]:
+    """The weights and biases autocast casts in a forward pass of ``model``: those of every Linear, less those
+    of a part kept in float32 (a module whose ``autocast`` attribute is False)."""
+    kept = {sub for m in model.modules() if getattr(m, "autocast", True) is False for sub in m.modules()}
+    return [(module, attr) for module, attr in linear_slots([model]) if module not in kept]
+
+
+def joined_slots(model: nn.Module) -> list[list[Slot]]:
+    """Families of Linear slots a layer of ``model`` reads as one tensor (BERT's query/key/value weights and biases
+    with ``encoder_fused_qkv``), from every part that names them (a ``joined_slots`` method)."""
+    return [family for m in model.modules() if m is not model and hasattr(m, "joined_slots")
+            for family in m.joined_slots()]
+
+
+def gathered_slots(model: nn.Module) -> list[Slot]:
+    """The float32 parameters whose gradients ``ReusedCasts`` accumulates in flat buffers with the Linear weights':
+    those of the LayerNorms, BatchNorms and small embeddings (``norm_slots``)."""
+    return norm_slots([model])
+
+
 @contextmanager
 def substituted(slots: list[Slot], tensors: list[Tensor]) -> Iterator[None]:
     """Within the block, each module's parameter ``attr`` reads as the given tensor; restored after, whatever
