@@ -39,7 +39,7 @@ from bench_train import MODES, SHAPES, OpCensus, make_batches, setup
 from workspace import bert_base
 
 from mmsa_emt import LossWeights, compute_loss
-from mmsa_emt.nn.dropout import Dropout
+from mmsa_emt.fast.dropout import use_numpy_dropout
 
 
 def count_step(model, optimizer, speed, batch, weights, update_every: int = 4) -> tuple[collections.Counter, int]:
@@ -78,9 +78,10 @@ def count_step(model, optimizer, speed, batch, weights, update_every: int = 4) -
 
 
 def census(shape: str, mode: str, encoder: str, as_device: str) -> dict:
-    Dropout.numpy_on_cpu = as_device == "cpu"  # as on a GPU: torch's dropout kernel
     model, optimizer, speed = setup(shape, mode, "cpu", encoder, as_device=as_device,
                                     attn_dropout=0.0 if as_device == "cuda" else 0.3)
+    if as_device == "cuda":
+        use_numpy_dropout(model, False)  # as on a GPU: torch's dropout kernel
     if as_device == "cuda":  # BERT's attention too: with dropout the CPU takes SDPA's unfused math path
         for attention in (m for m in model.modules() if hasattr(m, "attention_head_size")):
             attention.dropout.p = 0.0

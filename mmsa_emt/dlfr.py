@@ -16,7 +16,6 @@ Shape legend: b batch, t steps, f features.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -25,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .model import EMTDLFR, EMTDLFRConfig, ViewOutput
-from .nn.transfer import to_device
 from .registry import register_model
 
 RECON_LOSSES = {"SmoothL1Loss": F.smooth_l1_loss, "L1Loss": F.l1_loss, "MSELoss": F.mse_loss}
@@ -39,10 +37,8 @@ class Projector(nn.Module):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim, affine=False))
 
-    def forward(self, x: Tensor, views: int = 1) -> Tensor:
-        """x (v b, D): ``views`` views stacked along the batch, each batch-normalised on its own."""
-        linear, norm = self.net
-        return per_view(norm, linear(x), views)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
 
 class Predictor(nn.Module):
@@ -53,16 +49,8 @@ class Predictor(nn.Module):
         self.net = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
                                  nn.Linear(hidden, dim))
 
-    def forward(self, x: Tensor, views: int = 1) -> Tensor:
-        """x (v b, D): ``views`` views stacked along the batch, each batch-normalised on its own."""
-        first, norm, act, last = self.net
-        return last(act(per_view(norm, first(x), views)))
-
-
-def per_view(norm: nn.Module, x: Tensor, views: int) -> Tensor:
-    """BatchNorm over each view's rows on its own, in order: x (v b, D) -> (v b, D). Batch statistics and the
-    running-statistic updates are those of ``views`` separate calls; the layers around it run once for all."""
-    return norm(x) if views == 1 else torch.cat([norm(rows) for rows in x.chunk(views)])
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
 
 class DualLevelRestoration(nn.Module):
@@ -82,11 +70,10 @@ class DualLevelRestoration(nn.Module):
         return {"DLFR projectors": self.projectors, "DLFR predictors": self.predictors,
                 "DLFR reconstruction": self.reconstructors}
 
-    def simsiam(self, name: str, x: Tensor, views: int = 1) -> tuple[Tensor, Tensor]:
-        """(z, p) for the vectors x (v b, D) of ``views`` views stacked along the batch, each view batch-normalised
-        on its own; z is returned without gradient (stop-gradient)."""
-        z = self.projectors[name](x, views)
-        return z.detach(), self.predictors[name](z, views)
+    def simsiam(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(z, p) for the vectors x (b, D) of one view (Eq. 12); z is returned without gradient (stop-gradient)."""
+        z = self.projectors[name](x)
+        return z.detach(), self.predictors[name](z)
 
 
 def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
@@ -97,19 +84,6 @@ def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
 def attraction_loss(p_complete: Tensor, z_complete: Tensor, p_incomplete: Tensor, z_incomplete: Tensor) -> Tensor:
     """Symmetric SimSiam loss between the views (Eq. 13): (D(p_inc, z_com) + D(p_com, z_inc)) / 2."""
     return 0.5 * (negative_cosine(p_incomplete, z_complete) + negative_cosine(p_complete, z_incomplete))
-
-
-def stacked_attraction_losses(p: Sequence[Tensor], z: Sequence[Tensor]) -> Tensor:
-    """Eq. 13 (``attraction_loss``) for K heads at once, each with its views stacked: p[k], z[k] (2b, D_k) =
-    [complete; incomplete]; returns the K losses (K,). Each view's p meets the other view's z (z rolled by b rows);
-    both halves have b rows, so the mean over all 2b is the average of the two D terms. The heads' vectors are
-    zero-padded to the widest and stacked, (K, 2b, D): zeros change no dot product and no norm, and one set of
-    kernels computes every cosine instead of one set per head (~13 kernels each, forward and backward alike)."""
-    widest = max(t.shape[1] for t in p)
-    padded = [torch.stack([t if t.shape[1] == widest else F.pad(t, (0, widest - t.shape[1])) for t in ts])
-              for ts in (p, z)]  # 2 x (K, 2b, D)
-    p_all, z_all = padded
-    return negative_cosine(p_all, z_all.roll(z_all.shape[1] // 2, dims=1))  # (K,)
 
 
 def masked_reconstruction_loss(pred: Tensor, target: Tensor, mask: Tensor, kind: str = "SmoothL1Loss") -> Tensor:
@@ -143,38 +117,10 @@ class TwoViewBatch:
     vision_dropped: Tensor  # (b, t_v)
     labels: Tensor  # (b,)
 
-    def trimmed(self, multiple: int = 1) -> TwoViewBatch:
-        """The batch cut to its longest text and frame sequences, rounded up to a multiple of ``multiple`` (at most
-        to the padded length); call on the CPU, before ``to``.
-
-        Padding beyond every sample's length changes no output (it is masked or never packed), so this only
-        saves the encoders' and the fusion's work on it.
-        """
-        if multiple < 1:
-            raise ValueError(f"trimmed lengths cannot be rounded to a multiple of {multiple}")
-        padded = {"text": self.text.shape[-1], "audio": self.audio.shape[1], "vision": self.vision.shape[1]}
-        longest = {"text": int(self.text[:, 1].sum(dim=1).max()), "audio": int(self.audio_lengths.max()),
-                   "vision": int(self.vision_lengths.max())}
-        text_steps, audio_steps, vision_steps = (min(-(-longest[m] // multiple) * multiple, padded[m])
-                                                 for m in ("text", "audio", "vision"))
-        cut = {"text": text_steps, "text_m": text_steps, "text_dropped": text_steps, "audio": audio_steps,
-               "audio_m": audio_steps, "audio_dropped": audio_steps, "vision": vision_steps,
-               "vision_m": vision_steps, "vision_dropped": vision_steps}
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, steps in cut.items():
-            values[name] = values[name][..., :steps] if name.startswith("text") else values[name][:, :steps]
-        return TwoViewBatch(**values)
-
     def to(self, device: torch.device | str) -> TwoViewBatch:
-        """Moves the tensors to ``device``; lengths stay on the CPU (packed LSTMs want them there).
-
-        Towards CUDA the host tensors go through pinned memory, so the copies run without blocking the host.
-        """
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if not name.endswith("_lengths"):
-                moved[name] = to_device(value, device)
-        return TwoViewBatch(**moved)
+        """Moves the tensors to ``device``; lengths stay on the CPU (packed LSTMs want them there)."""
+        return TwoViewBatch(**{f.name: getattr(self, f.name) if f.name.endswith("_lengths")
+                               else getattr(self, f.name).to(device) for f in fields(self)})
 
 
 @dataclass
@@ -232,9 +178,6 @@ class DLFR(nn.Module):
 
     def views(self, batch: TwoViewBatch) -> tuple[ViewOutput, ViewOutput]:
         """The complete and the incomplete view through the network: two passes, as the authors."""
-        if self.net.config.fused_views:  # one pass over both views stacked along the batch
-            return self.net.forward_views(batch.text, batch.text_m, batch.audio, batch.audio_m, batch.vision,
-                                          batch.vision_m, batch.audio_lengths, batch.vision_lengths).halves()
         complete = self.net.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths,
                                          batch.vision_lengths)
         incomplete = self.net.forward_view(batch.text_m, batch.audio_m, batch.vision_m, batch.audio_lengths,
@@ -244,11 +187,6 @@ class DLFR(nn.Module):
     def attraction(self, complete: ViewOutput, incomplete: ViewOutput) -> dict[str, Tensor]:
         """High-level restoration (Eqs. 12-13): per attracted vector (the final context, then h_l, h_a, h_v), the
         symmetric SimSiam loss between the views; each view batch-normalised on its own."""
-        if self.net.config.fused_views:  # both views through each head at once, BatchNorm per view
-            vectors = {"context": torch.cat([complete.context, incomplete.context]),
-                       **{m: torch.cat([complete.utterance[m], incomplete.utterance[m]]) for m in complete.utterance}}
-            zs, ps = zip(*(self.restoration.simsiam(name, x, views=2) for name, x in vectors.items()))
-            return dict(zip(vectors, stacked_attraction_losses(ps, zs)))
         terms = {}
         for name in ("context", *complete.utterance):
             x_c, x_i = ((v.context if name == "context" else v.utterance[name]) for v in (complete, incomplete))

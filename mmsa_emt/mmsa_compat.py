@@ -46,13 +46,15 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
 from . import dlfr as _dlfr  # noqa: F401  (registers the models)
+from . import fast
 from .data_check import FeatureReport, check_feature_file, load_feature_file, zero_nonfinite
+from .fast import SpeedConfig
 from .metrics import DATASET_METRICS
 from .missing import incomplete_view_file
 from .model import MODALITIES, EMTDLFRConfig
 from .objective import LossWeights, TwoViewBatch
 from .registry import canonical_name, get_builder, list_models
-from .trainer import OptimConfig, SpeedConfig, auto_precision, build_optimizer, evaluate, fit
+from .trainer import OptimConfig, build_optimizer, evaluate, fit
 
 logger = logging.getLogger("MMSA")
 MMSA_UNK_ID = 100  # MMSA's data_missing writes this id for every dropped token
@@ -147,15 +149,6 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         post_fusion_dropout=r("post_fusion_dropout"),
         predictor_dims={"context": r("gmc_tokens_pred_dim"), "text": r("text_pred_dim"),
                         "audio": r("audio_pred_dim"), "vision": r("video_pred_dim")},
-        fused_attention=bool(args.get("fused_attention", True)), fused_views=bool(args.get("fused_views", True)),
-        stack_modalities=_stacking(args),
-        packed_lstm=bool(args.get("packed_lstm", False)),
-        checkpoint_encoder=bool(args.get("checkpoint_encoder", False)),
-        checkpoint_fusion=bool(_auto(args, "checkpoint_fusion", default=False, on_cuda=True, on_cpu=True)),
-        encoder_autocast=bool(args.get("encoder_autocast", True)),
-        encoder_cast_once=bool(args.get("encoder_cast_once", False)),
-        encoder_fused_qkv=bool(args.get("encoder_fused_qkv", True)),
-        numpy_dropout=bool(args.get("numpy_dropout", True)),
         modalities=tuple(args.get("modalities") or MODALITIES),
     )
 
@@ -168,35 +161,10 @@ def optim_config_from_args(args: Mapping[str, Any]) -> OptimConfig:
                        wd_vision=r("weight_decay_video"), wd_other=r("weight_decay_other"))
 
 
-def _auto(args: Mapping[str, Any], key: str, *, default: Any, on_cuda: Any, on_cpu: Any) -> Any:
-    """A config value that may be 'auto': then ``on_cuda`` when the run's device is CUDA, else ``on_cpu``."""
-    value = args.get(key, default)
-    if value != "auto":
-        return value
-    return on_cuda if torch.device(args.get("device", "cpu")).type == "cuda" else on_cpu
-
-
-def _stacking(args: Mapping[str, Any]) -> str | None:
-    """``stack_modalities``: false | "time" | "batch" | "auto" ("time" on CUDA: M-fold fewer kernel launches in the
-    fusion; off on a CPU, where joining cost time and memory: benchmarks/results/cpu-2026-11-27/README.md)."""
-    value = _auto(args, "stack_modalities", default=False, on_cuda="time", on_cpu=False)
-    if value is False or value is None:
-        return None
-    if value in ("time", "batch"):
-        return value
-    raise ValueError(f"config key 'stack_modalities' is {value!r}: choose false, \"time\" (modalities joined along "
-                     f"time), \"batch\" (padded and stacked along the batch) or \"auto\"")
-
-
 def speed_config_from_args(args: Mapping[str, Any]) -> SpeedConfig:
-    """``precision`` (fp32 | bf16 | fp16; 'auto': bf16 where the device multiplies it natively, see
-    ``auto_precision``), ``trim_padding``, ``compile``, ``reuse_weight_casts``."""
-    precision = str(args.get("precision", "fp32"))
-    if precision == "auto":
-        precision = auto_precision(args.get("device", "cpu"))
-    return SpeedConfig(trim_padding=bool(args.get("trim_padding", True)), precision=precision,
-                       compile=bool(args.get("compile", False)),
-                       reuse_weight_casts=bool(args.get("reuse_weight_casts", True)))
+    """How to compute (``mmsa_emt.fast``): ``speed`` ('fast' | 'faithful') names the preset and the lever keys
+    present (``fast.LEVERS``: fused_attention, precision, ...) override it; 'auto' values follow ``device``."""
+    return fast.from_settings(args, args.get("device", "cpu"))
 
 
 def loss_weights_from_args(args: Mapping[str, Any]) -> LossWeights:
@@ -644,7 +612,8 @@ class AMIO(_MMSA_AMIO):
         nn.Module.__init__(self)
         self.need_model_aligned = False
         config = model_config_from_args(args)
-        self.Model = get_builder(args["model_name"])(config)
+        self.Model = fast.apply(get_builder(args["model_name"])(config), speed_config_from_args(args),
+                                args.get("device", "cpu"))
         text_out = args.get("text_out")
         width = self.Model.utterance_dims.get("text")
         if text_out is not None and width is not None and int(text_out) != width:

@@ -141,3 +141,30 @@ def test_any_subset_of_modalities(tiny_config, modalities):
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     with pytest.raises(ValueError, match="non-empty subset"):
         emt_dlfr(tiny_config(modalities=("smell",)))
+
+
+def test_the_papers_modules_never_import_the_speed_machinery():
+    """model.py, dlfr.py and nn/*.py compute the paper's way: none of them imports ``mmsa_emt.fast`` (parsed,
+    relative and absolute imports alike), and the network config holds no how-to-compute switch."""
+    import ast
+    import dataclasses
+    from pathlib import Path
+
+    import mmsa_emt
+    from mmsa_emt import EMTDLFRConfig
+    from mmsa_emt.fast import LEVERS
+
+    package = Path(mmsa_emt.__file__).parent
+    paper = [package / "model.py", package / "dlfr.py", *sorted((package / "nn").glob("*.py"))]
+    assert len(paper) >= 5
+    for path in paper:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [alias.name for alias in node.names]
+                resolved = [("." * node.level) + name for name in names]
+                assert not any(n.startswith(("mmsa_emt.fast", ".fast", "..fast")) or (node.level and n == "fast")
+                               for n in resolved), f"{path.name} imports {resolved}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("mmsa_emt.fast") for a in node.names), path.name
+    assert not {f.name for f in dataclasses.fields(EMTDLFRConfig)} & {*LEVERS, "encoder_cast_once",
+                                                                       "encoder_autocast"}

@@ -92,11 +92,11 @@ def test_stop_gradient_on_the_projector_outputs(tiny_config):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_both_views_through_the_heads_at_once_equal_two_calls(tiny_config, training):
-    """simsiam(x_c ++ x_i, views=2) with the stacked attraction loss: the z, p, loss, every gradient and the
-    BatchNorm running statistics of one call per view followed by Eq. 13 as written (float64)."""
+    """``fast.views.stacked_simsiam`` (x_c ++ x_i) with the stacked attraction loss: the z, p, loss, every gradient
+    and the BatchNorm running statistics of one call per view followed by Eq. 13 as written (float64)."""
     import copy
 
-    from mmsa_emt.dlfr import stacked_attraction_losses
+    from mmsa_emt.fast.views import stacked_attraction_losses, stacked_simsiam
 
     torch.manual_seed(0)
     heads = emt_dlfr(tiny_config()).restoration.double().train(training)
@@ -104,7 +104,7 @@ def test_both_views_through_the_heads_at_once_equal_two_calls(tiny_config, train
     x_c, x_i = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64) * 3 + 1
     (z_c, p_c), (z_i, p_i) = twin.simsiam("vision", x_c), twin.simsiam("vision", x_i)
     separate = attraction_loss(p_c, z_c, p_i, z_i)
-    z, p = heads.simsiam("vision", torch.cat([x_c, x_i]), views=2)
+    z, p = stacked_simsiam(heads, "vision", torch.cat([x_c, x_i]))
     stacked = stacked_attraction_losses([p], [z])[0]
     torch.testing.assert_close(z, torch.cat([z_c, z_i]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p, torch.cat([p_c, p_i]), rtol=1e-12, atol=1e-12)
@@ -123,7 +123,7 @@ def test_attraction_losses_of_all_heads_at_once_are_each_heads_own():
     """``stacked_attraction_losses``: heads of different widths, zero-padded and stacked, give each head's
     ``attraction_loss`` (Eq. 13 as written, on its views) and the same gradients (float64; z detached as SimSiam's
     stop-gradient)."""
-    from mmsa_emt.dlfr import stacked_attraction_losses
+    from mmsa_emt.fast.views import stacked_attraction_losses
 
     g = torch.Generator().manual_seed(0)
     widths = [6, 2, 9, 9]

@@ -15,10 +15,10 @@ accumulation group). ``ReusedCasts`` gathers them too (``gathered``): float32 vi
 their gradients added to one flat buffer, the same float32 sums.
 
 Weights that a layer reads as one tensor (``joined`` families: BERT's query, key and value weights, and their
-biases, for ``nn.fused_bert``) are cast side by side as one piece, which ``joined`` hands out within ``applied``:
+biases, for ``fast.fused_bert``) are cast side by side as one piece, which ``joined`` hands out within ``applied``:
 no concatenation at every forward pass, and no second copy of them kept for the backward pass.
 
-The trainer (``trainer.SpeedConfig.reuse_weight_casts``) keeps one ``ReusedCasts`` per epoch or evaluation only:
+The trainer (``SpeedConfig.reuse_weight_casts``) keeps one ``ReusedCasts`` per epoch or evaluation only:
 nothing outside its loop can change the weights while the copies are in use. (Parameter version counters cannot
 tell: a fused Adam step does not bump them.)
 """
@@ -68,17 +68,8 @@ def norm_slots(modules: list[nn.Module], *, largest: int = 2**20) -> list[Slot]:
 
 
 def low_precision_slots(model: nn.Module) -> list[Slot]:
-    """The weights and biases autocast casts in a forward pass of ``model``: those of every Linear, less those
-    of a part kept in float32 (a module whose ``autocast`` attribute is False)."""
-    kept = {sub for m in model.modules() if getattr(m, "autocast", True) is False for sub in m.modules()}
-    return [(module, attr) for module, attr in linear_slots([model]) if module not in kept]
-
-
-def joined_slots(model: nn.Module) -> list[list[Slot]]:
-    """Families of Linear slots a layer of ``model`` reads as one tensor (BERT's query/key/value weights and biases
-    with ``encoder_fused_qkv``), from every part that names them (a ``joined_slots`` method)."""
-    return [family for m in model.modules() if m is not model and hasattr(m, "joined_slots")
-            for family in m.joined_slots()]
+    """The weights and biases autocast casts in a forward pass of ``model``: those of every Linear."""
+    return linear_slots([model])
 
 
 def gathered_slots(model: nn.Module) -> list[Slot]:
