@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--shape", default="mosi", choices=sorted(SHAPES))
     parser.add_argument("--as-device", default="cuda", choices=["cuda", "cpu"],
                         help="resolve 'auto' switches and pick the attention path as on this device")
-    parser.add_argument("--modes", nargs="+", default=["baseline", "fast-nostack", "fast-stack-batch",
+    parser.add_argument("--modes", nargs="+", default=["baseline", "fast-nostack",
                                                        "fast-nocheckpoint", "fast"], choices=list(MODES))
     args = parser.parse_args()
     print(f"{args.shape} shape, switches as on {args.as_device}, counted on the CPU per mini-batch of an "
