@@ -160,7 +160,7 @@ class DLFR(nn.Module):
         self.register_load_state_dict_pre_hook(_upgrade_hook)
 
     @property
-    def config(self) -> Any:
+    def config(self) -> EMTDLFRConfig:
         return self.net.config
 
     @property
