@@ -23,7 +23,7 @@ batch of the shape (bert-base-sized encoder with random weights, both views, eve
 With ``--as-device cuda`` the attention (the fusion's and BERT's) runs through PyTorch's fused kernel with the
 dropout switched off, as it runs on a GPU (the CPU's chunked dropout kernel, or for BERT the unfused math path,
 would count their own operations instead); dropout is an argument of the GPU kernel, not extra launches. The
-other dropouts run through torch's kernel, not the numpy masks of ``mmsa_emt.nn.dropout`` (CPU only); on the CPU
+other dropouts run through torch's kernel, not the numpy masks of ``mmsa_emt.fast.dropout`` (CPU only); on the CPU
 that kernel is 3 operations, on a GPU 1.
 """
 
