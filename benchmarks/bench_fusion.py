@@ -11,7 +11,8 @@ text keeps ``--text-tokens`` (50) steps, audio and vision get T frames each; eac
 random valid length in [T/2, T] (key-padding masks, which cost nothing but are passed like in the model).
 
 Fusions, both at width d = 128, 4 heads, ``--depth`` layers, PyTorch's fused scaled-dot-product attention (the
-same ``mmsa_emt.nn.emt.Attention`` / ``FeedForward`` blocks), sinusoidal positions added to the local sequences:
+same ``mmsa_emt.nn`` attention / ``FeedForward`` blocks, made fast by ``mmsa_emt.fast``), sinusoidal positions
+added to the local sequences:
 
 * ``emt``: ``mmsa_emt.nn.emt.EMT`` with its defaults (all three parameter-sharing levels on, as in the paper);
   input the global context (b, 3, d) and the three local sequences; output the context and the promoted locals.
@@ -60,12 +61,21 @@ import torch
 from torch import Tensor, nn
 from workspace import resolve_device
 
-from mmsa_emt.nn.emt import EMT, Attention, FeedForward, PositionalEmbedding
+from mmsa_emt.fast import apply, speed_config
+from mmsa_emt.fast.fusion import FastAttention
+from mmsa_emt.nn.emt import EMT, FeedForward, PositionalEmbedding
 
 FUSIONS = ("emt", "mult")
 DEFAULT_FRAMES = (50, 100, 200, 500, 1000, 2000)
 QUICK_FRAMES = (50, 200, 1000)
 MODALITIES = ("text", "audio", "vision")
+
+
+def attention(dim: int, heads: int, fused: bool) -> FastAttention:
+    """The EMT's attention block, with PyTorch's fused kernels (``fused``) or explicit score matrices."""
+    block = FastAttention(dim, heads=heads)
+    block.fused = fused
+    return block
 
 
 class CrossmodalBlock(nn.Module):
@@ -74,7 +84,7 @@ class CrossmodalBlock(nn.Module):
     def __init__(self, dim: int, *, heads: int, ff_expansion: int = 4, fused: bool = True) -> None:
         super().__init__()
         self.norm_target, self.norm_source = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, heads=heads, fused=fused)
+        self.cross_attn = attention(dim, heads, fused)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, mult=ff_expansion)
 
@@ -89,7 +99,7 @@ class SelfAttentionBlock(nn.Module):
     def __init__(self, dim: int, *, heads: int, ff_expansion: int = 4, fused: bool = True) -> None:
         super().__init__()
         self.norm_attn = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads=heads, fused=fused)
+        self.attn = attention(dim, heads, fused)
         self.norm_ff = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, mult=ff_expansion)
 
@@ -146,7 +156,8 @@ class MulTFusion(nn.Module):
 
 def build(fusion: str, dim: int, depth: int, heads: int) -> nn.Module:
     if fusion == "emt":
-        return EMT(dim, depth=depth, heads=heads, num_modalities=3)  # defaults: sinusoidal positions, full sharing
+        emt = EMT(dim, depth=depth, heads=heads, num_modalities=3)  # defaults: sinusoidal positions, full sharing
+        return apply(emt, speed_config("fast", stack_modalities=None))  # fused attention, as the MulT blocks
     if fusion == "mult":
         return MulTFusion(dim, depth=depth, heads=heads, num_modalities=3)
     raise ValueError(f"unknown fusion {fusion!r}; choose from {FUSIONS}")

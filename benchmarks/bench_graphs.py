@@ -42,10 +42,10 @@ from bench_train import SHAPES, make_batches, setup
 from torch import Tensor, nn
 from workspace import bert_base
 
-import mmsa_emt.model
-import mmsa_emt.nn.encoders
+import mmsa_emt.fast.encoders
+import mmsa_emt.fast.views
 from mmsa_emt import LossWeights, compute_loss
-from mmsa_emt.objective import TwoViewBatch
+from mmsa_emt.dlfr import TwoViewBatch
 
 
 class LengthsOnDevice:
@@ -139,8 +139,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_graphs.py needs a CUDA device (--device cpu runs the eager variant alone)")
-    lengths = LengthsOnDevice(mmsa_emt.nn.encoders.to_device)
-    mmsa_emt.nn.encoders.to_device = mmsa_emt.model.to_device = lengths
+    lengths = LengthsOnDevice(mmsa_emt.fast.encoders.to_device)
+    mmsa_emt.fast.encoders.to_device = mmsa_emt.fast.views.to_device = lengths
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         encoder = bert_base(Path(folder) / "bert-base")

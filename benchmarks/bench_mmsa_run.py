@@ -6,20 +6,20 @@
 What a user runs: ``MMSA_run('EMT-DLFR', 'mosi', config_file=..., seeds=[1])`` with the repository's mosi config (a
 bert-base-sized encoder with random weights, built locally), one epoch (``max_epochs: 1``): data loading, model
 building, the training epoch, validation, reloading the best weights and the test. Baseline mode switches the config
-to the authors' way of computing (``fused_attention``, ``fused_views``, ``trim_padding`` off, ``precision: fp32``,
-``stack_modalities`` and ``numpy_dropout`` off); fast mode is the shipped config (``precision: auto``: bf16 where
-the device multiplies it natively). The data have MOSI's sequence lengths (``--quick``: a quarter of them, and fewer
-samples) and ``--scale`` of its split sizes. Each mode runs once in its own process after an untimed run of the same
-mode (caches, CUDA start); printed: wall seconds per run, the training samples per second this implies, and the
-ratio, then where the time went in each mode (timers around the package's functions, CUDA synchronised where they end):
+to the authors' way of computing (``speed: faithful``); fast mode is the shipped config (``speed: fast``, with
+``precision: auto``: bf16 where the device multiplies it natively). The data have MOSI's sequence lengths
+(``--quick``: a quarter of them, and fewer samples) and ``--scale`` of its split sizes. Each mode runs once in its
+own process after an untimed run of the same mode (caches, CUDA start); printed: wall seconds per run, the training
+samples per second this implies, and the ratio, then where the time went in each mode (timers around the package's
+functions, CUDA synchronised where they end):
 
 * ``data``: reading and checking the feature file, MMSA's datasets and loaders;
 * ``model``: building the network (BERT loaded from disk);
 * ``train epoch``: ``train_one_epoch``, the part the speed levers act on (and what a real run repeats per epoch);
 * ``valid`` / ``test``: the evaluation passes;
 * ``checkpoint``: writing the best weights and reading them back (``trainer.BestCheckpoint``: on CUDA a thread
-  writes them while training goes on, and only the time the training thread spends on them or waits for the
-  writer counts here; ``torch.load``: MMSA's ``_run`` reloads them);
+  writes them while training goes on, and only the time the training thread spends on them or waits for the writer
+  counts here; ``torch.load``: MMSA's ``_run`` reloads them);
 * ``MMSA's pause``: ``time.sleep(1)`` at the end of MMSA's ``_run``, per seed;
 * ``other``: the rest (seeding, logging, results CSV, freeing memory).
 """
@@ -39,11 +39,9 @@ from pathlib import Path
 
 from workspace import bert_base, resolve_device, write_workspace
 
-MODES = {
-    "baseline": {"fused_attention": False, "fused_views": False, "trim_padding": False, "precision": "fp32",
-                 "stack_modalities": False, "numpy_dropout": False, "encoder_fused_qkv": False,
-                 "reuse_weight_casts": False},
-    "fast": {"precision": "auto"},
+MODES = {  # config overrides: the presets of mmsa_emt.fast
+    "baseline": {"speed": "faithful"},
+    "fast": {"speed": "fast"},
 }
 
 

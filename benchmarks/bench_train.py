@@ -3,29 +3,27 @@
     python benchmarks/bench_train.py [--quick] [--shapes mosi mosei] [--device auto|cpu|cuda]
                                      [--modes baseline fast ...] [--profile] [--out saved_results/bench_train.json]
 
-Modes (``MODES``; each is a set of config switches, see docs/speed.md):
+Modes (``MODES``; each is a preset of ``mmsa_emt.fast`` with overrides, see docs/speed.md):
 
-* ``baseline`` computes the way the authors' code does: fp32, explicit attention score matrices, the complete and
-  incomplete views in two encoder passes, LSTMs over packed sequences, full padding, per-tensor Adam, torch's
-  dropout masks, BERT through transformers' forward, the loss read back to the host every step;
-* ``fast``, what the shipped config does: fused scaled-dot-product attention, both views in one pass, LSTMs over the
-  padded batch (``packed_lstm: false``), BERT's layers with one query/key/value matmul (``nn.fused_bert``), Linear
-  weights cast to the low precision once per optimizer step and their gradients accumulated in flat buffers
-  (``reuse_weight_casts``), each batch cut to its longest sequences, no per-step host sync, fused Adam, the
-  activations of the fusion's feed-forward blocks recomputed in the backward pass instead of kept
-  (``checkpoint_fusion: true``); bf16 autocast where the device multiplies bf16 natively (``precision: auto``: CUDA
-  from Ampere on, x86 CPUs with AMX-BF16); on CUDA also the three modalities joined along time into one fusion call
-  (``stack_modalities: auto``);
-* variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-stack-batch`` /
-  ``fast-nostack`` (the modalities joined along time / padded and stacked along the batch / one fusion call each,
-  whatever the device), ``fast-checkpoint`` / ``fast-nocheckpoint`` (recomputing BERT too / nothing),
-  ``fast-bf16`` (bf16 autocast whatever the device), ``fast-packed`` (packed LSTMs), ``fast-compile``
-  (``torch.compile`` of the text encoder and the fusion), ``fast-bert32`` (BERT kept in float32 under autocast,
-  TF32 matmuls on CUDA: no per-step weight casts), ``fast-castperforward`` (autocast casting each Linear's weight
-  and bias at every forward pass, ``reuse_weight_casts: false``, where ``fast`` casts them all at once per optimizer
-  step), ``fast-castonce`` (the same, but BERT's Linear weights cast in one concatenation at every forward pass,
-  ``encoder_cast_once: true``), ``fast-unfusedqkv`` (BERT's layers through transformers' forward, three
-  query/key/value matmuls; ``encoder_fused_qkv: false``),
+* ``baseline`` (preset ``faithful``) computes the way the authors' code does: fp32, explicit attention score
+  matrices, the complete and incomplete views in two encoder passes, LSTMs over packed sequences, full padding,
+  per-tensor Adam, torch's dropout masks, BERT through transformers' forward, the loss read back to the host every
+  step;
+* ``fast`` (preset ``fast``), what the shipped config does: fused scaled-dot-product attention, both views in one
+  pass, LSTMs over the padded batch (``packed_lstm: false``), BERT's layers with one query/key/value matmul
+  (``fast.fused_bert``), Linear weights cast to the low precision once per optimizer step and their gradients
+  accumulated in flat buffers (``reuse_weight_casts``), each batch cut to its longest sequences, no per-step host
+  sync, fused Adam, the activations of the fusion's feed-forward blocks recomputed in the backward pass instead of
+  kept (``checkpoint_fusion: true``); bf16 autocast where the device multiplies bf16 natively (``precision: auto``:
+  CUDA from Ampere on, x86 CPUs with AMX-BF16); on CUDA also the three modalities joined along time into one fusion
+  call (``stack_modalities: auto``);
+* variants of ``fast`` that change one lever: ``fast-fp32`` (no autocast), ``fast-stack`` / ``fast-nostack`` (the
+  modalities joined along time / one fusion call each, whatever the device), ``fast-checkpoint`` /
+  ``fast-nocheckpoint`` (recomputing BERT too / nothing), ``fast-bf16`` (bf16 autocast whatever the device),
+  ``fast-packed`` (packed LSTMs), ``fast-compile`` (``torch.compile`` of the text encoder and the fusion),
+  ``fast-castperforward`` (autocast casting each Linear's weight and bias at every forward pass,
+  ``reuse_weight_casts: false``, where ``fast`` casts them all at once per optimizer step), ``fast-unfusedqkv``
+  (BERT's layers through transformers' forward, three query/key/value matmuls; ``encoder_fused_qkv: false``),
   ``fast-noaddmmlt`` (the shipped config with ``DISABLE_ADDMM_CUDA_LT=1`` in the worker's environment: Linear layers
   with a bias through cuBLAS instead of cuBLASLt; on the H200 an ``addmm`` took 146 us of host time against 64 us
   for an ``mm``), ``fast-tcmalloc`` (the shipped config with gperftools' tcmalloc preloaded, Linux only: Debian's
@@ -37,15 +35,15 @@ real one) on synthetic data of the dataset's shape (``mmsa_emt.synthetic``) with
 (MMSA's draw, ``mmsa_emt.missing``).
 
 Each (shape, mode) runs in a fresh subprocess so that its peak memory is its own: CUDA max allocated, or the
-process's peak RSS on the CPU. A training step is forward (both views, every loss), backward and the optimizer
-step with the configured gradient accumulation (4, the authors' ``update_epochs``); times are medians over repeats
-after a warm-up pass (which also compiles, for ``fast-compile``). FLOPs per sample are counted with
+process's peak RSS on the CPU. A training step is forward (both views, every loss), backward and the optimizer step
+with the configured gradient accumulation (4, the authors' ``update_epochs``); times are medians over repeats after
+a warm-up pass (which also compiles, for ``fast-compile``). FLOPs per sample are counted with
 ``torch.utils.flop_counter`` on one training step under the math attention backend (it decomposes attention into
-counted matmuls; fused kernels are not counted), after the peak memory is read; on CUDA the achieved model
-FLOP/s is compared with the card's bf16 peak. ``ops/step`` counts the non-view ATen operations of one
-training step (forward, backward, optimizer step; each is at least one kernel launch on a GPU). On CUDA the fast
-modes also count host synchronisations in one training step (``torch.cuda.set_sync_debug_mode``), and
-``--profile`` writes the top kernels and the GPU's busy share of a step.
+counted matmuls; fused kernels are not counted), after the peak memory is read; on CUDA the achieved model FLOP/s is
+compared with the card's bf16 peak. ``ops/step`` counts the non-view ATen operations of one training step (forward,
+backward, optimizer step; each is at least one kernel launch on a GPU). On CUDA the fast modes also count host
+synchronisations in one training step (``torch.cuda.set_sync_debug_mode``), and ``--profile`` writes the top kernels
+and the GPU's busy share of a step.
 """
 
 from __future__ import annotations
@@ -73,46 +71,34 @@ SHAPES = {  # text tokens, (frames, features) of audio and vision: MMSA's unalig
     "mosei": {"text": 50, "audio": (500, 74), "vision": (500, 35), "batch": 16},
 }
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
-FAST = {"fused_attention": True, "fused_views": True, "stack_modalities": "auto", "packed_lstm": False,
-        "checkpoint_encoder": False, "checkpoint_fusion": True, "trim_padding": True, "precision": "auto",
-        "sync_every_step": False, "fused_adam": None, "compile": False, "encoder_autocast": True,
-        "encoder_cast_once": False, "encoder_fused_qkv": True, "numpy_dropout": True, "reuse_weight_casts": True}
-MODES = {
-    "baseline": {"fused_attention": False, "fused_views": False, "stack_modalities": None, "packed_lstm": True,
-                 "checkpoint_encoder": False, "checkpoint_fusion": False, "trim_padding": False, "precision": "fp32",
-                 "sync_every_step": True, "fused_adam": False, "compile": False, "encoder_autocast": True,
-                 "encoder_cast_once": False, "encoder_fused_qkv": False, "numpy_dropout": False,
-                 "reuse_weight_casts": False},
-    "fast": FAST,
-    "fast-fp32": {**FAST, "precision": "fp32"},
-    "fast-stack": {**FAST, "stack_modalities": "time"},
-    "fast-stack-batch": {**FAST, "stack_modalities": "batch"},
-    "fast-nostack": {**FAST, "stack_modalities": None},
-    "fast-packed": {**FAST, "packed_lstm": True},
-    "fast-compile": {**FAST, "compile": True},
-    "fast-checkpoint": {**FAST, "checkpoint_encoder": True, "checkpoint_fusion": True},
-    "fast-nocheckpoint": {**FAST, "checkpoint_encoder": False, "checkpoint_fusion": False},
-    "fast-bf16": {**FAST, "precision": "bf16"},
-    "fast-bert32": {**FAST, "encoder_autocast": False},
-    "fast-castonce": {**FAST, "encoder_cast_once": True, "reuse_weight_casts": False},
-    "fast-unfusedqkv": {**FAST, "encoder_fused_qkv": False},
-    "fast-castperforward": {**FAST, "reuse_weight_casts": False},
-    "fast-noaddmmlt": FAST,
-    "fast-tcmalloc": FAST,
+MODES = {  # (preset of mmsa_emt.fast, its overrides); "fused_adam" is the optimizer's (build_optimizer)
+    "baseline": ("faithful", {"fused_adam": False}),
+    "fast": ("fast", {}),
+    "fast-fp32": ("fast", {"precision": "fp32"}),
+    "fast-stack": ("fast", {"stack_modalities": "time"}),
+    "fast-nostack": ("fast", {"stack_modalities": None}),
+    "fast-packed": ("fast", {"packed_lstm": True}),
+    "fast-compile": ("fast", {"compile": True}),
+    "fast-checkpoint": ("fast", {"checkpoint_encoder": True, "checkpoint_fusion": True}),
+    "fast-nocheckpoint": ("fast", {"checkpoint_encoder": False, "checkpoint_fusion": False}),
+    "fast-bf16": ("fast", {"precision": "bf16"}),
+    "fast-unfusedqkv": ("fast", {"encoder_fused_qkv": False}),
+    "fast-castperforward": ("fast", {"reuse_weight_casts": False}),
+    "fast-noaddmmlt": ("fast", {}),
+    "fast-tcmalloc": ("fast", {}),
 }
 MODE_ENV = {  # environment of a mode's worker process, read by PyTorch at its first use
     "fast-noaddmmlt": {"DISABLE_ADDMM_CUDA_LT": "1"},  # Linear's bias through cuBLAS + a copy, not cuBLASLt
     "fast-tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},  # host memory from tcmalloc, not glibc's malloc
 }
-AUTO = {"stack_modalities": ("time", None)}  # 'auto': (on CUDA, elsewhere); precision: mmsa_emt's auto_precision
 
 
 def make_batches(shape: dict, n: int, quick: bool, tokenizer: str):
     """n synthetic two-view batches of the dataset's shape (sequences cut to a quarter with --quick)."""
     import numpy as np
 
+    from mmsa_emt.dlfr import TwoViewBatch
     from mmsa_emt.missing import drop_split
-    from mmsa_emt.objective import TwoViewBatch
     from mmsa_emt.synthetic import make_dataset
 
     cut = 4 if quick else 1
@@ -215,28 +201,26 @@ def setup(shape_name: str, mode: str, device: str, encoder: str, *, as_device: s
           attn_dropout: float = 0.3):
     """The network (mosi's hyper-parameters), optimizer and ``SpeedConfig`` a mode trains with on ``device``;
     its 'auto' switches resolved as on ``as_device`` (default: ``device``)."""
-    from mmsa_emt import EMTDLFR, EMTDLFRConfig
-    from mmsa_emt.trainer import OptimConfig, SpeedConfig, auto_precision, build_optimizer
+    import dataclasses
+
+    from mmsa_emt import EMTDLFRConfig
+    from mmsa_emt.dlfr import emt_dlfr
+    from mmsa_emt.fast import apply, auto_precision, speed_config
+    from mmsa_emt.trainer import OptimConfig, build_optimizer
 
     shape, on_cuda = SHAPES[shape_name], (as_device or device) == "cuda"
-    auto = {**{k: on_either[not on_cuda] for k, on_either in AUTO.items()},  # counted as CUDA on a CPU: the H200's
-            "precision": "bf16" if on_cuda and device != "cuda" else auto_precision(device)}
-    switches = {k: auto[k] if v == "auto" else v for k, v in MODES[mode].items()}
+    preset, overrides = MODES[mode]
+    overrides = dict(overrides)
+    fused_adam = overrides.pop("fused_adam", None)
+    speed = speed_config(preset, **overrides)
+    if speed.precision == "auto":  # counted as CUDA on a CPU: the H200's
+        speed = dataclasses.replace(speed, precision="bf16" if on_cuda and device != "cuda" else auto_precision(device))
+    speed = speed.resolved(as_device or device)
     config = EMTDLFRConfig(pretrained=encoder, audio_dim=shape["audio"][1], vision_dim=shape["vision"][1],
-                           attn_dropout=attn_dropout, ff_dropout=0.1, post_fusion_dropout=0.3,
-                           fused_attention=switches["fused_attention"], fused_views=switches["fused_views"],
-                           stack_modalities=switches["stack_modalities"], packed_lstm=switches["packed_lstm"],
-                           checkpoint_encoder=switches["checkpoint_encoder"],
-                           checkpoint_fusion=switches["checkpoint_fusion"],
-                           encoder_autocast=switches["encoder_autocast"],
-                           encoder_cast_once=switches["encoder_cast_once"],
-                           encoder_fused_qkv=switches["encoder_fused_qkv"], numpy_dropout=switches["numpy_dropout"])
+                           attn_dropout=attn_dropout, ff_dropout=0.1, post_fusion_dropout=0.3)
     torch.manual_seed(0)
-    model = EMTDLFR(config).to(device)
-    optimizer = build_optimizer(model, OptimConfig(), fused=switches["fused_adam"])
-    speed = SpeedConfig(trim_padding=switches["trim_padding"], precision=switches["precision"],
-                        sync_every_step=switches["sync_every_step"], compile=switches["compile"],
-                        reuse_weight_casts=switches["reuse_weight_casts"])
+    model = apply(emt_dlfr(config), speed, as_device or device).to(device)
+    optimizer = build_optimizer(model, OptimConfig(), fused=fused_adam)
     return model, optimizer, speed
 
 

@@ -10,8 +10,8 @@
 # 2. bench_train.py, MOSI shape, 5 timed passes each: baseline, fast (shipped: modalities joined along time, fusion
 #    feed-forward recomputed, BERT's layers with one query/key/value matmul, Linear weights cast once per optimizer
 #    step, bf16), fast-unfusedqkv (BERT through transformers' layers), fast-castperforward (autocast's casts at
-#    every forward pass, as shipped before). The other variants (fast-bert32, fast-nocheckpoint,
-#    fast-stack-batch, fast-nostack) were measured on an H200 on 2026-11-27 (benchmarks/results/h200-2026-11-27);
+#    every forward pass, as shipped before). The other variants (fast-nocheckpoint,
+#    fast-nostack) were measured on an H200 on 2026-11-27 (benchmarks/results/h200-2026-11-27);
 #    add them to the list to measure them again.
 # 3. bench_mmsa_run.py at MOSI's full split sizes (1,284 training samples): one end-to-end MMSA_run epoch,
 #    baseline against fast, and its phases (the training epoch's own ratio among them). Its workspace (a bert-base

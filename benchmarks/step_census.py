@@ -23,7 +23,7 @@ batch of the shape (bert-base-sized encoder with random weights, both views, eve
 With ``--as-device cuda`` the attention (the fusion's and BERT's) runs through PyTorch's fused kernel with the
 dropout switched off, as it runs on a GPU (the CPU's chunked dropout kernel, or for BERT the unfused math path,
 would count their own operations instead); dropout is an argument of the GPU kernel, not extra launches. The
-other dropouts run through torch's kernel, not the numpy masks of ``mmsa_emt.nn.dropout`` (CPU only); on the CPU
+other dropouts run through torch's kernel, not the numpy masks of ``mmsa_emt.fast.dropout`` (CPU only); on the CPU
 that kernel is 3 operations, on a GPU 1.
 """
 
@@ -39,7 +39,7 @@ from bench_train import MODES, SHAPES, OpCensus, make_batches, setup
 from workspace import bert_base
 
 from mmsa_emt import LossWeights, compute_loss
-from mmsa_emt.nn.dropout import Dropout
+from mmsa_emt.fast.dropout import use_numpy_dropout
 
 
 def count_step(model, optimizer, speed, batch, weights, update_every: int = 4) -> tuple[collections.Counter, int]:
@@ -78,9 +78,10 @@ def count_step(model, optimizer, speed, batch, weights, update_every: int = 4) -
 
 
 def census(shape: str, mode: str, encoder: str, as_device: str) -> dict:
-    Dropout.numpy_on_cpu = as_device == "cpu"  # as on a GPU: torch's dropout kernel
     model, optimizer, speed = setup(shape, mode, "cpu", encoder, as_device=as_device,
                                     attn_dropout=0.0 if as_device == "cuda" else 0.3)
+    if as_device == "cuda":
+        use_numpy_dropout(model, False)  # as on a GPU: torch's dropout kernel
     if as_device == "cuda":  # BERT's attention too: with dropout the CPU takes SDPA's unfused math path
         for attention in (m for m in model.modules() if hasattr(m, "attention_head_size")):
             attention.dropout.p = 0.0
@@ -98,7 +99,7 @@ def main() -> None:
     parser.add_argument("--shape", default="mosi", choices=sorted(SHAPES))
     parser.add_argument("--as-device", default="cuda", choices=["cuda", "cpu"],
                         help="resolve 'auto' switches and pick the attention path as on this device")
-    parser.add_argument("--modes", nargs="+", default=["baseline", "fast-nostack", "fast-stack-batch",
+    parser.add_argument("--modes", nargs="+", default=["baseline", "fast-nostack",
                                                        "fast-nocheckpoint", "fast"], choices=list(MODES))
     args = parser.parse_args()
     print(f"{args.shape} shape, switches as on {args.as_device}, counted on the CPU per mini-batch of an "

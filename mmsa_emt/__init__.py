@@ -3,15 +3,15 @@
 ``import mmsa_emt`` registers the model with MMSA, after which ``MMSA_run('EMT-DLFR', ...)`` and ``MMSA_test`` work.
 """
 
+from .dlfr import DLFR, LossWeights, TwoViewBatch, compute_loss
 from .mmsa_compat import load_config, register
 from .model import EMTDLFR, EMTDLFRConfig
-from .objective import LossWeights, TwoViewBatch, compute_loss
 from .registry import list_models
 from .trainer import flush_denormals
 
 register()
 flush_denormals()  # before torch starts its CPU threads; MMSA_EMT_FLUSH_DENORMAL=0 turns it off
 
-__all__ = ["EMTDLFR", "EMTDLFRConfig", "LossWeights", "TwoViewBatch", "compute_loss", "list_models", "load_config",
-           "register"]
+__all__ = ["DLFR", "EMTDLFR", "EMTDLFRConfig", "LossWeights", "TwoViewBatch", "compute_loss", "list_models",
+           "load_config", "register"]
 __version__ = "0.1.0"

@@ -55,16 +55,17 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
-from . import model as _model  # noqa: F401  (registers the models)
-from . import settings
+from . import dlfr as _dlfr  # noqa: F401  (registers the models)
+from . import fast, settings
 from .data_check import FeatureReport, check_feature_file, load_feature_file, zero_nonfinite
+from .fast import SpeedConfig
 from .metrics import DATASET_METRICS
 from .missing import incomplete_view_file
 from .model import EMTDLFRConfig
 from .normalize import normalize_features, normalize_setting, normalized_file
-from .objective import LossWeights, TwoViewBatch
+from .dlfr import LossWeights, TwoViewBatch
 from .registry import canonical_name, get_builder, list_models
-from .trainer import OptimConfig, SpeedConfig, auto_precision, build_optimizer, evaluate, fit
+from .trainer import OptimConfig, build_optimizer, evaluate, fit
 
 logger = logging.getLogger("MMSA")
 MMSA_UNK_ID = 100  # MMSA's data_missing writes this id for every dropped token
@@ -168,15 +169,6 @@ def model_config_from_args(args: Mapping[str, Any]) -> EMTDLFRConfig:
         post_fusion_dropout=r("post_fusion_dropout"),
         predictor_dims={"context": r("gmc_tokens_pred_dim"), "text": r("text_pred_dim"),
                         "audio": r("audio_pred_dim"), "vision": r("video_pred_dim")},
-        fused_attention=r("fused_attention"), fused_views=r("fused_views"),
-        stack_modalities=_stacking(args),
-        packed_lstm=r("packed_lstm"),
-        checkpoint_encoder=r("checkpoint_encoder"),
-        checkpoint_fusion=_auto(args, "checkpoint_fusion", on_cuda=True, on_cpu=True),
-        encoder_autocast=r("encoder_autocast"),
-        encoder_cast_once=r("encoder_cast_once"),
-        encoder_fused_qkv=r("encoder_fused_qkv"),
-        numpy_dropout=r("numpy_dropout"),
         modalities=tuple(r("modalities")),
     )
 
@@ -189,30 +181,10 @@ def optim_config_from_args(args: Mapping[str, Any]) -> OptimConfig:
                        wd_vision=r("weight_decay_video"), wd_other=r("weight_decay_other"))
 
 
-def _auto(args: Mapping[str, Any], key: str, *, on_cuda: Any, on_cpu: Any) -> Any:
-    """A config value that may be 'auto': then ``on_cuda`` when the run's device is CUDA, else ``on_cpu``."""
-    value = settings.get(args, key)
-    if value != "auto":
-        return value
-    return on_cuda if torch.device(args.get("device") or "cpu").type == "cuda" else on_cpu
-
-
-def _stacking(args: Mapping[str, Any]) -> str | None:
-    """``stack_modalities``: false | "time" | "batch" | "auto" ("time" on CUDA: M-fold fewer kernel launches in the
-    fusion; off on a CPU, where joining cost time and memory: benchmarks/results/cpu-2026-11-27/README.md)."""
-    value = _auto(args, "stack_modalities", on_cuda="time", on_cpu=False)
-    return None if value is False or value is None else value
-
-
 def speed_config_from_args(args: Mapping[str, Any]) -> SpeedConfig:
-    """``precision`` (fp32 | bf16 | fp16; 'auto': bf16 where the device multiplies it natively, see
-    ``auto_precision``), ``trim_padding``, ``compile``, ``reuse_weight_casts``."""
-    r = functools.partial(settings.get, args)
-    precision = r("precision")
-    if precision == "auto":
-        precision = auto_precision(args.get("device") or "cpu")
-    return SpeedConfig(trim_padding=r("trim_padding"), precision=precision, compile=r("compile"),
-                       reuse_weight_casts=r("reuse_weight_casts"))
+    """How to compute (``mmsa_emt.fast``): ``speed`` ('fast' | 'faithful') names the preset and the lever keys
+    present (``fast.LEVERS``: fused_attention, precision, ...) override it; 'auto' values follow ``device``."""
+    return fast.from_settings(args, args.get("device", "cpu"))
 
 
 def loss_weights_from_args(args: Mapping[str, Any]) -> LossWeights:
@@ -785,7 +757,8 @@ class AMIO(_MMSA_AMIO):
         self._ours = True
         self.need_model_aligned = False
         config = model_config_from_args(args)
-        self.Model = get_builder(args["model_name"])(config)
+        self.Model = fast.apply(get_builder(args["model_name"])(config), speed_config_from_args(args),
+                                args.get("device", "cpu"))
         text_out = args.get("text_out")
         width = self.Model.utterance_dims.get("text")
         if text_out is not None and width is not None and int(text_out) != width:

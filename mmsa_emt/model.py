@@ -3,10 +3,11 @@
 Text goes through BERT ([CLS] = utterance vector h_l, the tokens after it = local sequence), audio and vision
 through LSTMs (h_a, h_v and per-frame outputs). The three utterance vectors, projected to d_model, form the global
 multimodal context G (Eq. 4); the EMT promotes G and the local sequences (Sec. 3.3); the head predicts sentiment
-from [h_l, h_a, h_v, flatten(G)] (Eq. 10). The dual-level feature restoration heads used only in training live in
-``objective.DualLevelRestoration`` and are held here as ``self.restoration`` so that one state dict carries all.
+from [h_l, h_a, h_v, flatten(G)] (Eq. 10). The dual-level feature restoration heads used only in training, and the
+loss, belong to the objective that wraps this network (``dlfr.DLFR``).
 Layer sizes, the order of operations and the parameter count of every part follow the authors' released code
-(models/missingTask/EMT_DLFR.py); attention runs through PyTorch's fused kernel.
+(models/missingTask/EMT_DLFR.py), and so does the way each part computes: how to compute it faster, with the same
+numbers, is ``mmsa_emt.fast``'s business (``fast.apply``), which this module never imports.
 
 Shape legend: b batch, l text tokens, t frames, m modalities, d model width, e encoder width.
 """
@@ -19,13 +20,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .nn.dropout import Dropout
 from .nn.emt import EMT
 from .nn.encoders import BertTextEncoder, SequenceEncoder, length_mask
-from .nn.transfer import to_device
-from .nn.weight_casts import linear_slots, norm_slots
-from .objective import DualLevelRestoration
-from .registry import register_model
 
 MODALITIES = ("text", "audio", "vision")
 
@@ -63,16 +59,6 @@ class EMTDLFRConfig:
     post_fusion_dropout: float = 0.0
     predictor_dims: dict[str, int] = field(
         default_factory=lambda: {"context": 128, "text": 256, "audio": 8, "vision": 16})
-    fused_attention: bool = True  # PyTorch's scaled-dot-product kernel; False: explicit score matrices
-    fused_views: bool = True  # complete and incomplete view in one pass (False: two passes, as the authors)
-    stack_modalities: str | None = None  # "time" | "batch": one fusion call for all modalities (nn.emt.EMT)
-    packed_lstm: bool = False  # True: LSTMs over packed sequences, as the authors (nn.encoders.SequenceEncoder)
-    checkpoint_encoder: bool = False  # recompute BERT's activations in backward (less memory, more encoder work)
-    checkpoint_fusion: bool = False  # recompute the EMT's feed-forward blocks in backward (nn.emt.HalfMPU)
-    encoder_autocast: bool = True  # False: BERT stays float32 under autocast (nn.encoders.BertTextEncoder)
-    encoder_cast_once: bool = False  # under autocast, BERT's Linear weights cast in one go (same numbers)
-    encoder_fused_qkv: bool = True  # BERT's layers with one query/key/value matmul (nn.fused_bert; same numbers)
-    numpy_dropout: bool = True  # CPU dropout masks from numpy's generator (nn.dropout); False: torch's, as the authors
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
 
 
@@ -85,18 +71,6 @@ class ViewOutput:
     context: Tensor  # flatten(G_L): (b, m*d)
     local: dict[str, Tensor]  # promoted local sequences Z_m: (b, t_m, d)
     text_tokens: Tensor | None  # BERT features of the tokens after [CLS]: (b, l-1, e); None without text
-
-    def halves(self) -> tuple[ViewOutput, ViewOutput]:
-        """The two views of a pass over both stacked along the batch (``EMTDLFR.forward_views``): its first and
-        second half of the rows."""
-        b = self.pred.shape[0] // 2
-        return self.half(slice(0, b)), self.half(slice(b, 2 * b))
-
-    def half(self, rows: slice) -> ViewOutput:
-        """The samples ``rows`` of a pass over stacked views."""
-        return ViewOutput(pred=self.pred[rows], utterance={k: v[rows] for k, v in self.utterance.items()},
-                          context=self.context[rows], local={k: v[rows] for k, v in self.local.items()},
-                          text_tokens=None if self.text_tokens is None else self.text_tokens[rows])
 
 
 class EMTDLFR(nn.Module):
@@ -114,17 +88,13 @@ class EMTDLFR(nn.Module):
             raise ValueError(f"modalities={list(c.modalities)}: choose a non-empty subset of {list(MODALITIES)}")
         self.modalities = tuple(m for m in MODALITIES if m in c.modalities)
         if "text" in self.modalities:
-            self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert, checkpoint=c.checkpoint_encoder,
-                                                autocast=c.encoder_autocast, cast_once=c.encoder_cast_once,
-                                                fused_qkv=c.encoder_fused_qkv)
+            self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert)
         if "audio" in self.modalities:
             self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
-                                                 num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout,
-                                                 packed=c.packed_lstm)
+                                                 num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout)
         if "vision" in self.modalities:
             self.vision_encoder = SequenceEncoder(c.vision_dim, c.vision_hidden, c.vision_out,
-                                                  num_layers=c.vision_lstm_layers, dropout=c.vision_lstm_dropout,
-                                                  packed=c.packed_lstm)
+                                                  num_layers=c.vision_lstm_layers, dropout=c.vision_lstm_dropout)
         widths = self.utterance_dims
         self.projections = nn.ModuleDict({  # bias-free, Identity where the width already is d_model
             m: nn.Linear(w, c.d_model, bias=False) if w != c.d_model else nn.Identity() for m, w in widths.items()})
@@ -132,25 +102,14 @@ class EMTDLFR(nn.Module):
                        ff_expansion=c.ff_expansion, attn_dropout=c.attn_dropout, ff_dropout=c.ff_dropout,
                        emb_dropout=c.emb_dropout, learnable_pos_emb=c.learnable_pos_emb, max_seq_len=c.max_seq_len,
                        mpu_share=c.mpu_share, modality_share=c.modality_share, layer_share=c.layer_share,
-                       pool_activation=c.pool_activation, fused=c.fused_attention,
-                       stack_modalities=c.stack_modalities, checkpoint_ff=c.checkpoint_fusion)
+                       pool_activation=c.pool_activation)
         context_dim = len(self.modalities) * c.d_model
         self.head = nn.Sequential(
-            Dropout(c.post_fusion_dropout),
+            nn.Dropout(c.post_fusion_dropout),
             nn.Linear(sum(widths.values()) + context_dim, c.post_fusion_dim), nn.ReLU(),
             nn.Linear(c.post_fusion_dim, c.post_fusion_dim), nn.ReLU(),
             nn.Linear(c.post_fusion_dim, 1),
         )
-        inputs = {"text": widths.get("text"), "audio": c.audio_dim, "vision": c.vision_dim}
-        self.restoration = DualLevelRestoration(
-            context_dim=context_dim, utterance_dims=widths, d_model=c.d_model,
-            input_dims={m: inputs[m] for m in self.modalities},
-            predictor_dims={k: v for k, v in c.predictor_dims.items() if k == "context" or k in self.modalities},
-        )
-        if not c.numpy_dropout:
-            for module in self.modules():
-                if isinstance(module, Dropout):
-                    module.numpy_on_cpu = False
         self.train()  # from_pretrained leaves BERT in eval mode: a new network is in one mode, training
 
     @property
@@ -168,9 +127,8 @@ class EMTDLFR(nn.Module):
             return tokens[:, 0], tokens[:, 1:], lengths  # [CLS]: (b, e); after it: (b, l-1, e)
         encoder = self.audio_encoder if modality == "audio" else self.vision_encoder
         lengths = lengths.clamp(min=1)
-        on_device = to_device(lengths, x.device)  # copied once, for the encoder and the fusion's masks
-        local, utterance = encoder(x, lengths, on_device)  # (b, max(lengths), out), (b, out)
-        return utterance, local, on_device
+        local, utterance = encoder(x, lengths)  # (b, max(lengths), out), (b, out)
+        return utterance, local, lengths.to(x.device)
 
     def forward_view(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor,
                      vision_lengths: Tensor) -> ViewOutput:
@@ -188,15 +146,6 @@ class EMTDLFR(nn.Module):
                           local=dict(zip(self.modalities, promoted)),
                           text_tokens=encoded["text"][1] if "text" in encoded else None)
 
-    def forward_views(self, text: Tensor, text_m: Tensor, audio: Tensor, audio_m: Tensor, vision: Tensor,
-                      vision_m: Tensor, audio_lengths: Tensor, vision_lengths: Tensor) -> ViewOutput:
-        """Both views in one pass, stacked along the batch (rows: complete, then incomplete; ``halves`` splits
-        them): every layer here works per sample, so this is the same computation as two ``forward_view`` calls
-        (the BatchNorm heads of DLFR run per view, outside)."""
-        return self.forward_view(torch.cat([text, text_m]), torch.cat([audio, audio_m]),
-                                 torch.cat([vision, vision_m]), torch.cat([audio_lengths, audio_lengths]),
-                                 torch.cat([vision_lengths, vision_lengths]))  # (2b, ...)
-
     def forward(self, text: Tensor, audio: Tensor, vision: Tensor, audio_lengths: Tensor | None = None,
                 vision_lengths: Tensor | None = None) -> dict[str, Tensor]:
         """One view, as ``MMSA_test`` calls it (without lengths every frame counts as valid)."""
@@ -205,37 +154,9 @@ class EMTDLFR(nn.Module):
         vision_lengths = torch.full_like(full, vision.shape[1]) if vision_lengths is None else vision_lengths
         return {"M": self.forward_view(text, audio, vision, audio_lengths.cpu(), vision_lengths.cpu()).pred}
 
-    def low_precision_slots(self) -> list[tuple[nn.Module, str]]:
-        """The weights and biases autocast casts in a forward pass (those of every Linear; not BERT's when it
-        stays float32, ``encoder_autocast: false``): what ``nn.weight_casts.ReusedCasts`` casts once."""
-        float32 = self.text_encoder if "text" in self.modalities and not self.config.encoder_autocast else None
-        kept = set() if float32 is None else set(float32.modules())
-        return [(module, attr) for module, attr in linear_slots([self]) if module not in kept]
-
-    def joined_slots(self) -> list[list[tuple[nn.Module, str]]]:
-        """Families of Linear slots a layer reads as one tensor (BERT's query/key/value weights and biases, with
-        ``encoder_fused_qkv``): ``nn.weight_casts.ReusedCasts`` casts each side by side."""
-        return self.text_encoder.joined_slots() if "text" in self.modalities else []
-
-    def gathered_slots(self) -> list[tuple[nn.Module, str]]:
-        """The float32 parameters whose gradients ``nn.weight_casts.ReusedCasts`` accumulates in flat buffers
-        with the Linear weights': those of the LayerNorms, BatchNorms and small embeddings (not BERT's vocabulary
-        table, not the LSTMs')."""
-        return norm_slots([self])
-
-    def parameter_counts(self) -> dict[str, int]:
-        """Parameters per part (shared parameters counted once), as in the authors' code."""
+    def parts(self) -> dict[str, nn.Module]:
+        """The network's parts by the names the parameter counts use."""
         encoders = {"text encoder (BERT)": "text_encoder", "audio LSTM": "audio_encoder",
                     "vision LSTM": "vision_encoder"}
         parts = {name: getattr(self, attr) for name, attr in encoders.items() if hasattr(self, attr)}
-        parts.update({"projections": self.projections, "EMT fusion": self.emt, "prediction head": self.head,
-                      **self.restoration.parts()})
-        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
-        counts["total"] = sum(p.numel() for p in self.parameters())
-        return counts
-
-
-@register_model("emt-dlfr", "emt_dlfr")
-def emt_dlfr(config: EMTDLFRConfig) -> EMTDLFR:
-    """EMT-DLFR as in the paper (arXiv 2208.07589)."""
-    return EMTDLFR(config)
+        return {**parts, "projections": self.projections, "EMT fusion": self.emt, "prediction head": self.head}

@@ -19,7 +19,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from MMSA.utils import assign_gpu as _mmsa_assign_gpu
 
 from .metrics import DATASET_METRICS
 from .nn.emt import POOL_ACTIVATIONS
-from .objective import RECON_LOSSES
-from .trainer import PRECISIONS
+from .dlfr import RECON_LOSSES
+from .fast.config import PRECISIONS, PRESETS, REMOVED, SpeedConfig
 
 MODALITY_NAMES = ("text", "audio", "vision")  # the order of missing_rate, missing_seed, feature_dims and seq_lens
 LOSS_KEYS = ("Loss", "Loss(pred_m)")  # validation results of EMT-DLFR's trainer besides the dataset's metrics
@@ -297,6 +297,7 @@ class Setting:
 
 
 # ----------------------------------------------------------------------------------------------- the table
+_SPEED_DEFAULTS = {f.name: f.default for f in fields(SpeedConfig)}
 _MODEL, _OPTIM, _LOSS, _TRAIN, _MISSING, _SPEED = ("model", "optimizer", "loss", "training", "missing data",
                                                     "speed and memory")
 _DATA, _RUN = "data (datasetCommonParams, MMSA's keys)", "set by MMSA_run and the runners (not for the config file)"
@@ -383,29 +384,44 @@ SETTINGS: dict[str, Setting] = _table(
             "default)", _MISSING, nullable=True),
     Setting("normalize_features", Bool(), False, "standardise audio and vision features with the training "
             "split's statistics (true in the SIMS entry)", _MISSING),
-    # --- speed and memory (SpeedConfig and EMTDLFRConfig levers: the same model, other ways to compute it)
-    Setting("precision", Choice((*PRECISIONS, "auto")), "fp32", "autocast of the forward pass; "
-            "auto: bf16 where the device multiplies it natively, else fp32", _SPEED),
-    Setting("trim_padding", Bool(), True, "cut each batch to its longest sequences", _SPEED),
-    Setting("compile", Bool(), False, "torch.compile the text encoder and the fusion", _SPEED),
-    Setting("reuse_weight_casts", Bool(), True, "under autocast, cast Linear weights once per optimizer step",
+    # --- speed and memory (mmsa_emt.fast: the same model, other ways to compute it). Defaults: SpeedConfig's,
+    # the values of a config without these keys; ``speed`` picks a preset, and the keys present override it.
+    Setting("speed", Choice(tuple(PRESETS)), None, "preset of the keys below: fast (the shipped entry) or "
+            "faithful (the authors' way of computing); null: SpeedConfig's defaults", _SPEED, nullable=True),
+    Setting("precision", Choice((*PRECISIONS, "auto")), _SPEED_DEFAULTS["precision"], "autocast of the forward "
+            "pass; auto: bf16 where the device multiplies it natively, else fp32", _SPEED),
+    Setting("trim_padding", Bool(), _SPEED_DEFAULTS["trim_padding"], "cut each batch to its longest sequences",
             _SPEED),
-    Setting("fused_attention", Bool(), True, "PyTorch's scaled-dot-product kernel (false: explicit score "
-            "matrices)", _SPEED),
-    Setting("fused_views", Bool(), True, "complete and incomplete view in one pass (false: two passes)", _SPEED),
-    Setting("stack_modalities", Choice((False, "time", "batch", "auto")), False, "one fusion call for all "
-            "modalities (with modality_share): joined along time or stacked along the batch; auto: time on "
-            "CUDA, off on a CPU", _SPEED,
-            nullable=True),
-    Setting("packed_lstm", Bool(), False, "LSTMs over packed sequences, as the authors", _SPEED),
-    Setting("checkpoint_encoder", Bool(), False, "recompute the text encoder's activations in backward", _SPEED),
-    Setting("checkpoint_fusion", Choice((True, False, "auto")), False, "recompute the EMT's feed-forward blocks "
-            "in backward; auto: true", _SPEED),
-    Setting("encoder_autocast", Bool(), True, "false: the text encoder stays float32 under autocast", _SPEED),
-    Setting("encoder_cast_once", Bool(), False, "under autocast, cast the encoder's Linear weights in one go",
+    Setting("trim_multiple", Int(low=1), _SPEED_DEFAULTS["trim_multiple"], "trimmed lengths rounded up to a "
+            "multiple of it (null: 8 on CUDA, else 1)", _SPEED, nullable=True),
+    Setting("pinned_transfer", Bool(), _SPEED_DEFAULTS["pinned_transfer"], "host-to-device copies through pinned "
+            "memory, without blocking the host", _SPEED),
+    Setting("compile", Bool(), _SPEED_DEFAULTS["compile"], "torch.compile the text encoder and the fusion", _SPEED),
+    Setting("reuse_weight_casts", Bool(), _SPEED_DEFAULTS["reuse_weight_casts"], "under autocast, cast Linear "
+            "weights once per optimizer step", _SPEED),
+    Setting("sync_every_step", Bool(), _SPEED_DEFAULTS["sync_every_step"], "read the loss back to the host every "
+            "step, as the authors' loop does", _SPEED),
+    Setting("fused_attention", Bool(), _SPEED_DEFAULTS["fused_attention"], "PyTorch's scaled-dot-product kernel "
+            "(false: explicit score matrices)", _SPEED),
+    Setting("fused_views", Bool(), _SPEED_DEFAULTS["fused_views"], "complete and incomplete view in one pass "
+            "(false: two passes)", _SPEED),
+    Setting("stack_modalities", Choice((False, "time", "auto")), _SPEED_DEFAULTS["stack_modalities"], "one "
+            "fusion call for all modalities (with modality_share), joined along time; auto: time on CUDA, off on "
+            "a CPU", _SPEED, nullable=True),
+    Setting("packed_lstm", Bool(), _SPEED_DEFAULTS["packed_lstm"], "LSTMs over packed sequences, as the authors",
             _SPEED),
-    Setting("encoder_fused_qkv", Bool(), True, "one query/key/value matmul in the encoder's layers", _SPEED),
-    Setting("numpy_dropout", Bool(), True, "CPU dropout masks from numpy's generator (false: torch's)", _SPEED),
+    Setting("checkpoint_encoder", Bool(), _SPEED_DEFAULTS["checkpoint_encoder"], "recompute the text encoder's "
+            "activations in backward", _SPEED),
+    Setting("checkpoint_fusion", Choice((True, False, "auto")), _SPEED_DEFAULTS["checkpoint_fusion"], "recompute "
+            "the EMT's feed-forward blocks in backward; auto: true", _SPEED),
+    Setting("encoder_fused_qkv", Bool(), _SPEED_DEFAULTS["encoder_fused_qkv"], "one query/key/value matmul in the "
+            "encoder's layers", _SPEED),
+    Setting("numpy_dropout", Bool(), _SPEED_DEFAULTS["numpy_dropout"], "CPU dropout masks from numpy's generator "
+            "(false: torch's)", _SPEED),
+    Setting("cache_positions", Bool(), _SPEED_DEFAULTS["cache_positions"], "the sinusoid position table built "
+            "once per device and sliced", _SPEED),
+    *(Setting(key, Bool(), shipped, f"removed: accepted only as {_show(shipped)}, with a warning ({why})", _SPEED)
+      for key, (shipped, why) in REMOVED.items()),
     # --- data: MMSA's keys (datasetCommonParams and commonParams of every model)
     Setting("model_name", Text(), REQUIRED, "the model (set from MMSA_run's model_name)", _DATA),
     Setting("dataset_name", Text(), REQUIRED, "the dataset (set from MMSA_run's dataset_name)", _DATA),

@@ -6,24 +6,20 @@ Framework-free: batches arrive as ``TwoViewBatch`` and metrics through a callabl
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .model import EMTDLFR
-from .nn.weight_casts import ReusedCasts
-from .objective import LossOutput, LossWeights, TwoViewBatch, compute_loss
+from .dlfr import DLFR, LossOutput, LossWeights, TwoViewBatch, compute_loss
+from .fast import SpeedConfig, auto_precision, compile_model  # noqa: F401  (the seam; re-exported)
 
 _log = logging.getLogger(__name__)
 MetricFn = Callable[[Tensor, Tensor], dict[str, float]]
@@ -44,7 +40,7 @@ class OptimConfig:
     wd_other: float = 1e-3
 
 
-def build_optimizer(model: EMTDLFR, config: OptimConfig, *, fused: bool | None = None) -> torch.optim.Adam:
+def build_optimizer(model: DLFR, config: OptimConfig, *, fused: bool | None = None) -> torch.optim.Adam:
     """Adam with five groups: BERT with decay, BERT bias/LayerNorm without, audio LSTM, vision LSTM, the rest.
 
     Asserts that every trainable parameter is in exactly one group. ``fused`` (default: when every parameter is
@@ -56,6 +52,7 @@ def build_optimizer(model: EMTDLFR, config: OptimConfig, *, fused: bool | None =
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = name.removeprefix("net.")  # the network inside its DLFR wrapper
         if name.startswith("text_encoder."):
             groups["bert_no_decay" if any(k in name for k in NO_DECAY) else "bert"].append(param)
         elif name.startswith("audio_encoder."):
@@ -75,133 +72,6 @@ def build_optimizer(model: EMTDLFR, config: OptimConfig, *, fused: bool | None =
         fused = all(p.device.type in ("cpu", "cuda") for params in groups.values() for p in params)
     return torch.optim.Adam([{"params": groups[k], "lr": lr, "weight_decay": wd, "name": k}
                              for k, (lr, wd) in settings.items() if groups[k]], fused=fused or None)
-
-
-def auto_precision(device: torch.device | str) -> str:
-    """``precision: auto``: 'bf16' where the hardware multiplies bf16 matrices natively, else 'fp32'.
-
-    CUDA: bf16 from Ampere on (``torch.cuda.is_bf16_supported`` without emulation; older cards would emulate it).
-    CPU: x86 with AMX-BF16 (Sapphire Rapids and later Xeons); there, at the full MOSI shape, a training step ran
-    1.40x faster and peaked 1.2 GiB lower than in fp32 (benchmarks/results/cpu-2026-11-28). Other CPUs have no bf16
-    matrix units and convert in software (not measured here, where the CPU has AMX). Test metrics in bf16 and fp32
-    agree within seed noise (benchmarks/metrics_report.py).
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch < 2.4 cannot leave emulation out: NVIDIA's bf16 units came with Ampere (sm_80)
-            native = torch.cuda.get_device_capability(device)[0] >= 8
-        return "bf16" if native else "fp32"
-    if device.type == "cpu":
-        capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch: fp32 there
-        return "bf16" if capabilities is not None and capabilities().get("amx_bf16", False) else "fp32"
-    return "fp32"
-
-
-@dataclass
-class SpeedConfig:
-    """How the work is done, not what is computed (see benchmarks/bench_train.py for what each lever pays)."""
-
-    trim_padding: bool = True  # cut each batch to its longest sequences before the encoders
-    trim_multiple: int | None = None  # trimmed lengths rounded up to a multiple of it; None: 8 on CUDA, else 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of the forward pass (fp16 with loss scaling)
-    sync_every_step: bool = False  # read the loss back to the host each step, as the authors' loop does
-    compile: bool = False  # torch.compile the text encoder and the fusion (compile_model)
-    reuse_weight_casts: bool = True  # under autocast, Linear weights cast once per optimizer step (same numbers)
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision='{self.precision}' is not one of {sorted(PRECISIONS)}")
-        if self.trim_multiple is not None and self.trim_multiple < 1:
-            raise ValueError(f"trim_multiple={self.trim_multiple}: trimmed lengths need a multiple >= 1")
-
-    def autocast(self, device: torch.device | str) -> torch.autocast:
-        kind = torch.device(device).type
-        return torch.autocast(kind, dtype=PRECISIONS[self.precision], enabled=self.precision != "fp32")
-
-    @contextmanager
-    def float32_matmuls(self, device: torch.device | str) -> Iterator[None]:
-        """With bf16/fp16 asked for on CUDA, float32 matmuls left outside autocast (BERT with
-        ``encoder_autocast: false``) run on TF32 tensor cores, forward and backward; the flag is restored after."""
-        if torch.device(device).type != "cuda" or self.precision == "fp32":
-            yield
-            return
-        before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = before
-
-    def prepare(self, batch: TwoViewBatch, device: torch.device | str) -> TwoViewBatch:
-        """The batch trimmed and on ``device``. On CUDA the trimmed lengths are multiples of 8: then the key masks
-        over text and frames are aligned as the memory-efficient attention kernel needs them, where an unaligned
-        one is copied into a padded buffer on every call (PyTorch's ``preprocess_mask``), and fewer shapes come
-        round (kernel plans, compilation)."""
-        if not self.trim_padding:
-            return batch.to(device)
-        multiple = self.trim_multiple or (8 if torch.device(device).type == "cuda" else 1)
-        return batch.trimmed(multiple).to(device)
-
-    def prepare_model(self, model: EMTDLFR) -> EMTDLFR:
-        return compile_model(model) if self.compile else model
-
-    def weight_casts(self, model: torch.nn.Module) -> ReusedCasts:
-        """The low-precision weight copies one epoch or evaluation reuses (``nn.weight_casts``), with the norms'
-        float32 parameters gathered for their gradients; without slots, which change nothing, when not asked for or
-        compiled (Inductor fuses the casts into the graph)."""
-        slots = getattr(model, "low_precision_slots", None)
-        if not self.reuse_weight_casts or self.compile or slots is None:
-            return ReusedCasts([])
-        return ReusedCasts(slots(), gathered=model.gathered_slots(), joined=model.joined_slots())
-
-
-def compile_model(model: EMTDLFR, *, backend: str | Callable = "inductor") -> EMTDLFR:
-    """Compiles, in place, the parts made of many small kernels: the text encoder and the EMT fusion.
-
-    Shapes are marked dynamic (trimmed batches vary in length), the LSTMs stay eager (one cuDNN/oneDNN call), the
-    state dict keeps its keys. Compilation happens on the first batches, so the first steps are slow. Python
-    floats (LayerNorm's eps) are traced as constants: traced as inputs, the fusion's shared layers recomputed by
-    ``checkpoint_fusion`` at several call sites crash TorchDynamo (pytorch/pytorch#193194). A part whose compiler
-    backend fails runs eagerly from then on, with a warning (``_compiled_or_eager``).
-    """
-    for part in ("text_encoder", "emt"):
-        module = getattr(model, part, None)
-        if module is not None:
-            module.forward = _compiled_or_eager(module.forward, part, backend)
-    return model
-
-
-def _compiled_or_eager(forward: Callable, part: str, backend: str | Callable) -> Callable:
-    """``forward`` through ``torch.compile``, traced with TorchDynamo's ``specialize_float`` on, only for itself.
-
-    If the compiler backend fails (Inductor on an H200 with PyTorch 2.11 stopped in its partitioner on the shipped
-    CUDA config: benchmarks/results/h200-2026-11-28), the part runs eagerly from then on and a warning names it and
-    the error: the same numbers without the speed-up, not a run lost minutes in. Only that exception is caught;
-    errors of the model itself propagate as they would eagerly."""
-    compiled = torch.compile(forward, dynamic=True, backend=backend)
-    eager = False
-
-    @functools.wraps(forward)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        nonlocal eager
-        if not eager:
-            try:
-                with torch._dynamo.config.patch(specialize_float=True):
-                    return compiled(*args, **kwargs)
-            except torch._dynamo.exc.BackendCompilerFailed as error:
-                eager = True
-                inner = error.inner_exception
-                _log.warning("compile: torch.compile's backend %r failed on %s (%s: %s); %s runs eagerly from now "
-                             "on (compile: false skips compiling)", error.backend_name, part,
-                             type(inner).__name__, inner, part)
-        return forward(*args, **kwargs)
-
-    return call
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -232,7 +102,7 @@ def _progress(batches: Iterable, desc: str, show: bool) -> tqdm:
     return tqdm(batches, desc=desc, total=total, leave=False, dynamic_ncols=True, **hidden)
 
 
-def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: torch.optim.Optimizer,
+def train_one_epoch(model: DLFR, batches: Iterable[TwoViewBatch], optimizer: torch.optim.Optimizer,
                     weights: LossWeights, *, update_every: int = 1, device: torch.device | str = "cpu",
                     desc: str = "train", progress: bool = True, speed: SpeedConfig | None = None,
                     scaler: torch.amp.GradScaler | None = None, last_partial_group: str = "step") -> EpochResult:
@@ -263,34 +133,33 @@ def train_one_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: 
     optimizer.zero_grad(set_to_none=True)
     casts = speed.weight_casts(model)
     i = -1
-    with speed.float32_matmuls(device):
-        for i, batch in enumerate(bar):
-            batch = speed.prepare(batch, device)
-            with speed.autocast(device), casts.applied(device):
-                out = compute_loss(model, batch, weights)
-            scaler.scale(out.total).backward()
-            last = not drop and n_batches is not None and i + 1 == n_batches
-            if (i + 1) % update_every == 0 or last:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                casts.refresh()  # the weights changed
-            if speed.sync_every_step:
-                out.total.item()
-            total_loss += out.total.detach()
-            pred_loss += out.terms["pred_incomplete"].detach()
-            preds.append(out.pred.detach())
-            labels.append(batch.labels.reshape(-1))
-            if progress and i % 10 == 0:
-                bar.set_postfix(loss=f"{out.total.item():.4f}")
-        if drop:
-            if 0 < i + 1 < update_every:  # an unsized iterable, found too short only now
-                raise ValueError(_never_steps(i + 1, update_every))
-            optimizer.zero_grad(set_to_none=True)  # the partial group's gradients, discarded
-        elif n_batches is None and (i + 1) % update_every:
-            scaler.step(optimizer)  # unsized iterable: flush the last partial group
+    for i, batch in enumerate(bar):
+        batch = speed.prepare(batch, device)
+        with speed.autocast(device), casts.applied(device):
+            out = compute_loss(model, batch, weights)
+        scaler.scale(out.total).backward()
+        last = not drop and n_batches is not None and i + 1 == n_batches
+        if (i + 1) % update_every == 0 or last:
+            scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            casts.refresh()  # the weights changed
+        if speed.sync_every_step:
+            out.total.item()
+        total_loss += out.total.detach()
+        pred_loss += out.terms["pred_incomplete"].detach()
+        preds.append(out.pred.detach())
+        labels.append(batch.labels.reshape(-1))
+        if progress and i % 10 == 0:
+            bar.set_postfix(loss=f"{out.total.item():.4f}")
+    if drop:
+        if 0 < i + 1 < update_every:  # an unsized iterable, found too short only now
+            raise ValueError(_never_steps(i + 1, update_every))
+        optimizer.zero_grad(set_to_none=True)  # the partial group's gradients, discarded
+    elif n_batches is None and (i + 1) % update_every:
+        scaler.step(optimizer)  # unsized iterable: flush the last partial group
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     return _epoch_result(total_loss, pred_loss, i + 1, preds, labels)
 
 
@@ -303,7 +172,7 @@ def _never_steps(n_batches: int, update_every: int) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeights, *,
+def evaluate(model: DLFR, batches: Iterable[TwoViewBatch], weights: LossWeights, *,
              device: torch.device | str = "cpu", desc: str = "eval", progress: bool = True,
              keep_features: bool = False, speed: SpeedConfig | None = None) -> EpochResult:
     """Same loss as training, in eval mode; predictions are the incomplete view's."""
@@ -313,19 +182,18 @@ def evaluate(model: EMTDLFR, batches: Iterable[TwoViewBatch], weights: LossWeigh
     pred_loss = torch.zeros((), device=device)
     preds, labels, feats = [], [], []
     casts = speed.weight_casts(model)  # cast once for the whole evaluation
-    with speed.float32_matmuls(device):
-        for batch in _progress(batches, desc, progress):
-            batch = speed.prepare(batch, device)
-            with speed.autocast(device), casts.applied(device):
-                out: LossOutput = compute_loss(model, batch, weights)
-            if speed.sync_every_step:
-                out.total.item()
-            total_loss += out.total
-            pred_loss += out.terms["pred_incomplete"]
-            preds.append(out.pred)
-            labels.append(batch.labels.reshape(-1))
-            if keep_features:
-                feats.append({**out.view.utterance, "fusion": out.view.context})
+    for batch in _progress(batches, desc, progress):
+        batch = speed.prepare(batch, device)
+        with speed.autocast(device), casts.applied(device):
+            out: LossOutput = compute_loss(model, batch, weights)
+        if speed.sync_every_step:
+            out.total.item()
+        total_loss += out.total
+        pred_loss += out.terms["pred_incomplete"]
+        preds.append(out.pred)
+        labels.append(batch.labels.reshape(-1))
+        if keep_features:
+            feats.append({**out.view.utterance, "fusion": out.view.context})
     result = _epoch_result(total_loss, pred_loss, len(preds), preds, labels)
     if keep_features:
         result.features = {k: torch.cat([f[k] for f in feats]).float().cpu() for k in feats[0]}
@@ -426,7 +294,7 @@ class FitResult:
     history: list[dict[str, dict[str, float]]]
 
 
-def fit(model: EMTDLFR, train_batches: Iterable[TwoViewBatch], valid_batches: Iterable[TwoViewBatch], *,
+def fit(model: DLFR, train_batches: Iterable[TwoViewBatch], valid_batches: Iterable[TwoViewBatch], *,
         optimizer: torch.optim.Optimizer, weights: LossWeights, metric_fn: MetricFn, key_metric: str = "Loss",
         minimize: bool = True, early_stop: int = 8, max_epochs: int | None = None, update_every: int = 1,
         save_path: Path, checkpoint_prefix: str = "", device: torch.device | str = "cpu", progress: bool = True,

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: a hub name must
 
 import mmsa_emt
 from mmsa_emt.model import EMTDLFRConfig
-from mmsa_emt.objective import TwoViewBatch
+from mmsa_emt.dlfr import TwoViewBatch
 from mmsa_emt.synthetic import write_dataset, write_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def run_dirs(tmp_path: Path) -> dict[str, Path]:
     return {"model_save_dir": tmp_path / "models", "res_save_dir": tmp_path / "results", "log_dir": tmp_path / "logs"}
 
 
-__all__ = ["FEATURE_FILES", "REPO", "mmsa_emt", "random_batch", "run_dirs"]
+__all__ = ["FEATURE_FILES", "REPO", "build_model", "mmsa_emt", "random_batch", "run_dirs"]
 
 
 class OpCount(TorchDispatchMode):
@@ -119,3 +119,14 @@ class OpCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += not func.is_view
         return func(*args, **(kwargs or {}))
+
+
+def build_model(tiny_config: Callable[..., EMTDLFRConfig], speed=None, device: str = "cpu", **settings):
+    """A tiny EMT-DLFR built the paper's way (``DLFR(EMTDLFR(config))``), then made to compute per ``speed`` (a
+    preset name or a ``fast.SpeedConfig``; default: its field defaults) with the lever keys among ``settings``
+    overriding it; the other settings go to the network config."""
+    from mmsa_emt.dlfr import emt_dlfr
+    from mmsa_emt.fast import LEVERS, REMOVED, SpeedConfig, apply, speed_config
+
+    levers = {k: settings.pop(k) for k in list(settings) if k in LEVERS or k in REMOVED}
+    return apply(emt_dlfr(tiny_config(**settings)), speed_config(speed or SpeedConfig(), **levers), device)

@@ -23,7 +23,8 @@ from test_reference_parity import reference_to_ours
 import mmsa_emt.mmsa_compat as mmsa_compat
 from mmsa_emt import EMTDLFR, LossWeights, compute_loss
 from mmsa_emt.mmsa_compat import model_config_from_args, optim_config_from_args
-from mmsa_emt.objective import TwoViewBatch
+from mmsa_emt.dlfr import TwoViewBatch
+from mmsa_emt.fast import config as fast_config
 from mmsa_emt.synthetic import write_tiny_bert
 from mmsa_emt.trainer import OptimConfig, SpeedConfig, build_optimizer, fit, train_one_epoch
 
@@ -150,7 +151,7 @@ def test_authors_training_reaches_the_trainer_from_the_config(workspace, tmp_pat
         raise _Stop
 
     monkeypatch.setattr(mmsa_compat, "fit", recorder)
-    monkeypatch.setattr(mmsa_compat, "auto_precision", lambda device: "bf16")  # as on a GPU or an AMX CPU
+    monkeypatch.setattr(fast_config, "auto_precision", lambda device: "bf16")  # as on a GPU or an AMX CPU
     config = workspace(common={"authors_training": authors_training, "precision": precision})
     with caplog.at_level("INFO", logger="MMSA"), pytest.raises(_Stop):
         MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[1], gpu_ids=[], num_workers=0,

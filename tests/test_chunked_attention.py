@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmsa_emt.nn import chunked_attention
-from mmsa_emt.nn.chunked_attention import chunked_dropout_attention, keep_mask
+from mmsa_emt.fast import chunked_attention
+from mmsa_emt.fast.chunked_attention import chunked_dropout_attention, keep_mask
 
 
 def inputs(seed: int = 0):
@@ -72,7 +72,7 @@ def test_backward_reuses_the_forward_masks(small_chunks, monkeypatch):
 def test_packed_masks_unpack_to_themselves():
     import numpy as np
 
-    from mmsa_emt.nn.chunked_attention import unpacked
+    from mmsa_emt.fast.chunked_attention import unpacked
 
     keep = keep_mask(1, 0, (3, 7, 5), 0.5)  # 105 scores: not a multiple of 8
     assert torch.equal(unpacked(np.packbits(keep.numpy()), keep.shape), keep)

@@ -52,18 +52,46 @@ def test_shipped_speed_settings_resolve_per_device(device, stacked, precision, m
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False})
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     args = {**load_config("EMT-DLFR", "mosi", REGRESSION), "feature_dims": [768, 5, 20], "device": torch.device(device)}
-    config = model_config_from_args(args)
-    assert (config.fused_attention, config.fused_views, config.packed_lstm) == (True, True, False)
-    assert config.stack_modalities is stacked
-    assert config.checkpoint_fusion is True  # recomputing the fusion's feed-forward: far less memory, few launches
-    assert config.checkpoint_encoder is False  # costs more time than it saves RAM (docs/speed.md)
+    assert args["speed"] == "fast"
     speed = speed_config_from_args(args)
+    assert (speed.fused_attention, speed.fused_views, speed.packed_lstm) == (True, True, False)
+    assert speed.stack_modalities is stacked
+    assert speed.checkpoint_fusion is True  # recomputing the fusion's feed-forward: far less memory, few launches
+    assert speed.checkpoint_encoder is False  # costs more time than it saves RAM (docs/speed.md)
     assert (speed.trim_padding, speed.precision, speed.compile) == (True, precision, False)
     assert speed_config_from_args({**args, "precision": "fp32"}).precision == "fp32"
-    assert model_config_from_args({**args, "stack_modalities": False}).stack_modalities is None
-    assert model_config_from_args({**args, "stack_modalities": "batch"}).stack_modalities == "batch"
-    with pytest.raises(ValueError, match="'stack_modalities' is True"):
-        model_config_from_args({**args, "stack_modalities": True})
+    assert speed_config_from_args({**args, "stack_modalities": False}).stack_modalities is None
+    faithful = speed_config_from_args({**args, "speed": "faithful"})
+    assert (faithful.fused_attention, faithful.fused_views, faithful.packed_lstm, faithful.precision) == (
+        False, False, True, "fp32")
+    with pytest.raises(ValueError, match='stack_modalities="batch": this setting was removed'):
+        speed_config_from_args({**args, "stack_modalities": "batch"})
+    with pytest.raises(ValueError, match="stack_modalities=True"):
+        speed_config_from_args({**args, "stack_modalities": True})
+    with pytest.raises(ValueError, match="speed='fastest' is not a preset"):
+        speed_config_from_args({**args, "speed": "fastest"})
+
+
+def test_a_config_written_before_the_presets_computes_as_before():
+    """No ``speed`` key: the keys a config had then, and their old defaults where absent (fp32, no joined fusion,
+    nothing recomputed); the removed ``encoder_cast_once``/``encoder_autocast`` at their shipped values run with a
+    warning that they do nothing."""
+    import warnings
+
+    args = {**load_config("EMT-DLFR", "mosi", REGRESSION), "device": torch.device("cpu")}
+    del args["speed"]
+    bare = speed_config_from_args(args)
+    assert (bare.precision, bare.stack_modalities, bare.checkpoint_fusion) == ("fp32", None, False)
+    assert (bare.fused_attention, bare.fused_views, bare.packed_lstm, bare.numpy_dropout) == (True, True, False, True)
+    old = {**args, "fused_attention": True, "stack_modalities": "auto", "checkpoint_fusion": True, "precision": "fp32",
+           "encoder_autocast": True, "encoder_cast_once": False}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        speed = speed_config_from_args(old)
+    assert sorted(str(w.message).split("=")[0] for w in caught) == ["encoder_autocast", "encoder_cast_once"]
+    assert (speed.stack_modalities, speed.checkpoint_fusion) == (None, True)
+    with pytest.raises(ValueError, match="encoder_autocast=False: this setting was removed"):
+        speed_config_from_args({**args, "encoder_autocast": False})
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -104,7 +132,7 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_it(device, native, p
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: asked.append(including_emulation) or native)
     args = {**load_config("EMT-DLFR", "mosi", REGRESSION), "device": torch.device(device)}
-    assert args["precision"] == "auto"
+    assert args["speed"] == "fast" and "precision" not in args  # the preset's: auto
     assert speed_config_from_args(args).precision == precision
     assert asked == ([False] if device == "cuda" else [])  # emulated bf16 does not count
     assert speed_config_from_args({**args, "precision": "fp32"}).precision == "fp32"

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import build_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmsa_emt import EMTDLFR
-from mmsa_emt.nn.dropout import Dropout, replace_dropouts
+from mmsa_emt.fast.dropout import Dropout, use_numpy_dropout
 
 
 def test_keeps_one_minus_p_scales_the_rest_and_routes_gradients_through_the_kept():
@@ -42,21 +42,26 @@ def test_edge_rates_behave_like_nn_dropout(p):
     torch.testing.assert_close(Dropout(p).train()(x), nn.Dropout(p).train()(x))
 
 
-def test_bert_dropouts_are_swapped_and_state_dict_unchanged(tiny_config):
-    model = EMTDLFR(tiny_config())
-    kinds = {type(m) for m in model.text_encoder.modules() if isinstance(m, nn.Dropout)}
+def test_every_dropout_is_swapped_back_and_forth_and_state_dict_unchanged(tiny_config):
+    """``numpy_dropout``: every nn.Dropout of the model (BERT's, the fusion's, the heads') becomes this Dropout, and
+    back with ``numpy_dropout: false`` (torch's masks, as the authors); the same modules, rates and keys."""
+    model = build_model(tiny_config)
+    kinds = {type(m) for m in model.modules() if isinstance(m, nn.Dropout)}
     assert kinds == {Dropout}
+    assert {type(m) for m in build_model(tiny_config, numpy_dropout=False).modules()
+            if isinstance(m, nn.Dropout)} == {nn.Dropout}
     bert = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.2), nn.Sequential(nn.Dropout(0.1)))
     keys = list(bert.state_dict())
-    assert replace_dropouts(bert) == 2
+    assert use_numpy_dropout(bert) == 2
     assert [m.p for m in bert.modules() if isinstance(m, Dropout)] == [0.2, 0.1]
     assert list(bert.state_dict()) == keys
+    assert use_numpy_dropout(bert, False) == 2 and all(type(m) is not Dropout for m in bert.modules())
 
 
-def test_class_switch_falls_back_to_torch_kernel(monkeypatch):
-    x = torch.randn(8, 16)
-    monkeypatch.setattr(Dropout, "numpy_on_cpu", False)
+def test_swapped_back_it_draws_torchs_masks():
+    x, drop = torch.randn(8, 16), Dropout(0.4).train()
+    use_numpy_dropout(drop, False)
     torch.manual_seed(3)
-    ours = Dropout(0.4).train()(x)
+    ours = drop(x)
     torch.manual_seed(3)
     assert torch.equal(ours, nn.Dropout(0.4).train()(x))

@@ -1,4 +1,5 @@
-"""The fusion module alone: shapes, parameter counts per sharing level, masking, fused vs explicit attention."""
+"""The fusion module alone: shapes, parameter counts per sharing level, masking; and made fast (``fast.apply``):
+fused vs explicit attention, modalities joined along time, the feed-forward recomputed."""
 
 import itertools
 
@@ -6,9 +7,19 @@ import pytest
 import torch
 from conftest import OpCount
 
-from mmsa_emt.nn.emt import EMT, PositionalEmbedding, segment_runs
+from mmsa_emt.fast import SpeedConfig, apply, speed_config
+from mmsa_emt.fast.fusion import CachedPositionalEmbedding, segment_runs
+from mmsa_emt.nn.emt import EMT, PositionalEmbedding
 
 FLAGS = list(itertools.product([True, False], repeat=3))
+
+
+def fast_emt(dim: int, *, fused_attention: bool = True, stack_modalities: str | None = None,
+             checkpoint_fusion: bool = False, **kwargs) -> EMT:
+    """An EMT built the paper's way, then made fast by ``fast.apply`` with these levers."""
+    levers = speed_config(SpeedConfig(), fused_attention=fused_attention, stack_modalities=stack_modalities,
+                          checkpoint_fusion=checkpoint_fusion)
+    return apply(EMT(dim, **kwargs), levers)
 
 
 def half_mpu_params(d: int, mult: int = 4) -> int:
@@ -56,8 +67,8 @@ def test_padding_is_masked():
 
 
 def test_fused_and_explicit_attention_agree():
-    fused = EMT(16, depth=2, heads=4, mpu_share=False).eval()
-    explicit = EMT(16, depth=2, heads=4, mpu_share=False, fused=False).eval()
+    fused = fast_emt(16, depth=2, heads=4, mpu_share=False).eval()
+    explicit = EMT(16, depth=2, heads=4, mpu_share=False).eval()  # the paper's: explicit, as the authors
     explicit.load_state_dict(fused.state_dict())
     context, local, masks = inputs()
     a, la = fused(context, [x.clone() for x in local], masks)
@@ -67,15 +78,16 @@ def test_fused_and_explicit_attention_agree():
         torch.testing.assert_close(x[m], y[m], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("stacking", ["time", "batch"])
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("mpu_share,layer_share", list(itertools.product([True, False], repeat=2)))
-def test_stacked_modalities_compute_what_the_loop_computes(stacking, mpu_share, layer_share):
-    """One fusion call for all modalities (joined along time, or padded and stacked along the batch) = one call
-    per modality: same outputs and the same gradients for every parameter and input (float64, training mode with
-    dropout off). Joined along time, even the outputs at padded steps agree."""
+def test_stacked_modalities_compute_what_the_loop_computes(fused, mpu_share, layer_share):
+    """One fusion call for all modalities, joined along time (with fused or explicit attention) = the paper's
+    one call per modality: same outputs and the same gradients for every parameter and input (float64, training
+    mode with dropout off), even at padded steps."""
     kwargs = dict(depth=3, heads=4, mpu_share=mpu_share, layer_share=layer_share, modality_share=True)
     loop = EMT(16, **kwargs).double().train()
-    stacked = EMT(16, stack_modalities=stacking, **kwargs).double().train()
+    stacked = fast_emt(16, stack_modalities="time", fused_attention=fused, **kwargs).double().train()
+    assert type(stacked).__name__ == "JoinedEMT"
     stacked.load_state_dict(loop.state_dict())
     results = []
     for emt in (loop, stacked):
@@ -93,8 +105,7 @@ def test_stacked_modalities_compute_what_the_loop_computes(stacking, mpu_share, 
     for a, b, m in zip(l2, l1, inputs()[2]):
         assert a.shape == b.shape
         torch.testing.assert_close(a[m], b[m], rtol=1e-10, atol=1e-10)
-        if stacking == "time":
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     for a, b in zip(gl2, gl1):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert gp1.keys() == gp2.keys()
@@ -107,7 +118,7 @@ def test_joined_modalities_with_equal_lengths_and_batch_of_one(lengths):
     """Equal segments take the stacked-on-the-batch path of the attention; a batch of one sample still works; audio
     as long as the context (3 steps) shares a run with the context's unmasked self-attention."""
     loop = EMT(16, depth=2, heads=4).double().eval()
-    joined = EMT(16, depth=2, heads=4, stack_modalities="time").double().eval()
+    joined = fast_emt(16, depth=2, heads=4, stack_modalities="time").double().eval()
     joined.load_state_dict(loop.state_dict())
     context, local, masks = inputs(b=len(lengths[0]), lengths=lengths)
     (c1, l1), (c2, l2) = (emt(context.double(), [x.double() for x in local], masks) for emt in (loop, joined))
@@ -119,7 +130,7 @@ def test_joined_modalities_with_equal_lengths_and_batch_of_one(lengths):
 def test_joined_modalities_keep_attention_dropout_within_each_modality():
     """With attention dropout on (CPU chunked kernel), a modality's outputs still do not depend on the others'
     frames: noise in the vision frames leaves the promoted audio sequence unchanged under the same seed."""
-    emt = EMT(16, depth=1, heads=4, attn_dropout=0.3, stack_modalities="time").train()
+    emt = fast_emt(16, depth=1, heads=4, attn_dropout=0.3, stack_modalities="time").train()
     context, local, masks = inputs()
     outs = []
     for vision in (local[2], torch.randn_like(local[2]) * 50):
@@ -132,7 +143,7 @@ def test_joined_modalities_keep_attention_dropout_within_each_modality():
 def test_joined_fusion_attends_to_the_context_without_a_mask(monkeypatch):
     """Joined along time, every attention whose keys are the context G (always valid) runs without a mask, and
     every attention over frames gets its modality's mask."""
-    from mmsa_emt.nn.emt import Attention
+    from mmsa_emt.fast.fusion import FastAttention as Attention
 
     calls, attend = [], Attention._attend
 
@@ -142,13 +153,13 @@ def test_joined_fusion_attends_to_the_context_without_a_mask(monkeypatch):
 
     monkeypatch.setattr(Attention, "_attend", recording)
     context, local, masks = inputs()  # frames 10, 7, 5; the context has 3 tokens
-    EMT(16, depth=2, heads=4, stack_modalities="time").eval()(context, local, masks)
+    fast_emt(16, depth=2, heads=4, stack_modalities="time").eval()(context, local, masks)
     assert {keys for keys, unmasked in calls if unmasked} == {3}
     assert {keys for keys, unmasked in calls if not unmasked} == {10, 7, 5}
 
 
 def test_run_masks_from_one_mask_per_segment():
-    from mmsa_emt.nn.emt import run_masks
+    from mmsa_emt.fast.fusion import run_masks
 
     a, b = torch.tensor([[True, False], [True, True]]), torch.tensor([[True, True], [False, True]])
     # runs: 2 segments of 2 keys stacked, then 1 of 3 keys
@@ -171,10 +182,10 @@ def test_segments_group_into_runs_of_equal_lengths_and_must_add_up():
 
 
 def test_stacking_needs_modality_sharing():
-    assert EMT(16, depth=1, heads=4, stack_modalities="time").stack_modalities == "time"
-    assert EMT(16, depth=1, heads=4, modality_share=False, stack_modalities="batch").stack_modalities is None
+    assert type(fast_emt(16, depth=1, heads=4, stack_modalities="time")).__name__ == "JoinedEMT"
+    assert type(fast_emt(16, depth=1, heads=4, modality_share=False, stack_modalities="time")) is EMT
     with pytest.raises(ValueError, match="stack_modalities=True"):
-        EMT(16, depth=1, heads=4, stack_modalities=True)
+        SpeedConfig(stack_modalities=True)
 
 
 def test_unshared_copies_start_identical_like_the_authors():
@@ -201,14 +212,14 @@ def test_positional_sinusoid_cache_equals_a_fresh_table_at_every_length():
     """The table is built once (max_len rows, or more for a longer sequence) and sliced: each slice must equal the
     table computed for that length alone, in each dtype, and a table first built under inference_mode must still
     serve training with gradients."""
-    pe = PositionalEmbedding(6, max_len=8)
+    pe, fresh = CachedPositionalEmbedding(6, max_len=8), PositionalEmbedding(6, max_len=8)
     cpu = torch.device("cpu")
     with torch.inference_mode():
         pe(torch.zeros(1, 3, 6))  # first built here
     for length in (1, 8, 13, 5):  # 13 > max_len: rebuilt longer
-        assert torch.equal(pe.sinusoid(length, cpu, torch.float32), pe._sinusoid_table(length, cpu))
+        assert torch.equal(pe.sinusoid(length, cpu, torch.float32), fresh.sinusoid(length, cpu, torch.float32))
     assert pe._sinusoids[(cpu, torch.float32)].shape[1] == 13
-    assert torch.equal(pe.sinusoid(4, cpu, torch.float64), pe._sinusoid_table(4, cpu).double())
+    assert torch.equal(pe.sinusoid(4, cpu, torch.float64), fresh.sinusoid(4, cpu, torch.float64))
     x = torch.randn(2, 13, 6, requires_grad=True)
     pe(x).sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
@@ -225,7 +236,7 @@ def test_feed_forward_checkpointing_recomputes_and_changes_nothing():
     results, calls = [], []
     for flag in (False, True):
         torch.manual_seed(0)
-        emt = EMT(16, depth=2, heads=4, ff_dropout=0.3, checkpoint_ff=flag).double().train()
+        emt = fast_emt(16, depth=2, heads=4, ff_dropout=0.3, checkpoint_fusion=flag).double().train()
         count = []
         emt.layers[0][0][0].ff.proj_in.register_forward_hook(lambda *_, count=count: count.append(1))
         context, local, masks = inputs()
@@ -252,11 +263,11 @@ def test_joined_fusion_makes_each_mask_additive_once_and_computes_the_same(lengt
     evaluation (SDPA) and under bf16 autocast, for unequal lengths, a frame run shared with the context's unmasked
     self-attention, and equal lengths (one stacked run); and it launches fewer operations."""
     torch.manual_seed(0)
-    emt = EMT(16, depth=2, heads=4, attn_dropout=0.3, stack_modalities="time").train(case == "train")
+    emt = fast_emt(16, depth=2, heads=4, attn_dropout=0.3, stack_modalities="time").train(case == "train")
     context, local, masks = inputs(b=len(lengths[0]), lengths=lengths)
     results = []
     for additive in (False, True):
-        emt.fused = additive  # the attention stays fused either way; only the masks' conversion changes
+        emt.additive_masks = additive  # the attention stays fused either way; only the masks' conversion changes
         emt.zero_grad(set_to_none=True)
         x = [t.clone().requires_grad_() for t in (context, *local)]
         torch.manual_seed(1)
@@ -272,7 +283,7 @@ def test_joined_fusion_makes_each_mask_additive_once_and_computes_the_same(lengt
 
 
 def test_additive_mask_rows_are_aligned_for_the_memory_efficient_kernel():
-    from mmsa_emt.nn.sdpa import additive_mask
+    from mmsa_emt.fast.sdpa import additive_mask
 
     mask = torch.tensor([[True, True, False], [True, False, False]])
     bias = additive_mask(mask[:, None, None, :], torch.bfloat16)
@@ -284,7 +295,7 @@ def test_additive_mask_rows_are_aligned_for_the_memory_efficient_kernel():
 def test_joined_fusion_in_float64_runs_under_autocast():
     """Autocast leaves float64 alone, so the additive masks are made in float64 too (a bf16 mask would be refused
     by the attention next to float64 queries)."""
-    emt = EMT(16, depth=1, heads=4, stack_modalities="time").double().eval()
+    emt = fast_emt(16, depth=1, heads=4, stack_modalities="time").double().eval()
     context, local, masks = inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, promoted = emt(context.double(), [x.double() for x in local], masks)

@@ -1,11 +1,24 @@
-"""Fast mode computes what the faithful baseline mode computes (fp32): same losses and gradients."""
+"""The ``fast`` preset computes what the ``faithful`` one computes: same losses and gradients (float64 to 1e-9,
+float32 to float rounding); and each lever of ``mmsa_emt.fast`` alone changes nothing but the work."""
 
 import pytest
 import torch
-from conftest import OpCount, random_batch
+from conftest import OpCount, build_model, random_batch
 
-from mmsa_emt import EMTDLFR, LossWeights, compute_loss
-from mmsa_emt.trainer import SpeedConfig
+from mmsa_emt import LossWeights, compute_loss
+from mmsa_emt.fast import SpeedConfig, speed_config
+from mmsa_emt.fast.encoders import FastBertTextEncoder, joined_families
+from mmsa_emt.fast.views import trimmed
+from mmsa_emt.fast.weight_casts import gathered_slots, low_precision_slots
+from mmsa_emt.nn.encoders import BertTextEncoder
+
+
+def fast_bert(tiny_bert, *, fused_qkv: bool, checkpoint: bool = False) -> FastBertTextEncoder:
+    """The tiny BERT encoder built the paper's way, then made a ``FastBertTextEncoder`` (as ``fast.apply`` does)."""
+    encoder = BertTextEncoder(str(tiny_bert))
+    encoder.__class__ = FastBertTextEncoder
+    encoder.configure(fused_qkv=fused_qkv, checkpoint=checkpoint)
+    return encoder
 
 
 def losses_and_grads(model, batch):
@@ -38,26 +51,30 @@ def padded_batch(b: int, dtype: torch.dtype):
     return batch
 
 
+@pytest.mark.parametrize("stacking", [None, "time"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fast_mode_computes_what_the_baseline_mode_computes(tiny_config, dtype):
-    """Fast: fused attention kernel, both views in one pass, padding trimmed, LSTMs over the padded batch.
-    Baseline: explicit attention matrices, two passes, full padding, packed LSTMs (the authors' way). In float64
+def test_fast_mode_computes_what_the_baseline_mode_computes(tiny_config, dtype, stacking):
+    """``fast`` (as on a CPU, and with the fusion's modalities joined along time as on CUDA): fused attention
+    kernels, both views in one pass, padding trimmed, LSTMs over the padded batch, the fusion's feed-forward
+    recomputed, BERT's q/k/v in one matmul. ``faithful``: explicit attention matrices, two passes, full padding,
+    packed LSTMs (the authors' way). In float64
     losses and every gradient agree to 1e-9; in float32 the losses agree to 1e-5 (the gradients of this tiny
     random model are too ill-conditioned by the BatchNorm heads, whose batch variance of near-identical [CLS]
     vectors is tiny, to compare at 1e-5; benchmarks/check_cuda.py compares them at bert-base size)."""
     torch.manual_seed(0)
-    baseline = EMTDLFR(tiny_config(fused_attention=False, fused_views=False, packed_lstm=True)).train()
-    baseline = baseline.to(dtype)
-    fast = EMTDLFR(tiny_config(fused_attention=True, fused_views=True)).train().to(dtype)
+    baseline = build_model(tiny_config, "faithful").train().to(dtype)
+    fast = build_model(tiny_config, "fast", stack_modalities=stacking).train().to(dtype)
+    assert list(fast.state_dict()) == list(baseline.state_dict())
     fast.load_state_dict(baseline.state_dict())
     for model in (baseline, fast):  # training mode (BatchNorm on batch statistics) without BERT's dropout
-        model.text_encoder.eval()
+        model.net.text_encoder.eval()
     batch = padded_batch(16, dtype)
-    trimmed = SpeedConfig(trim_padding=True).prepare(batch, "cpu")
-    assert trimmed.text.shape[-1] == 12 and batch.text.shape[-1] == 18
+    cut = speed_config("fast").prepare(batch, "cpu")
+    assert cut.text.shape[-1] == 12 and batch.text.shape[-1] == 18
+    assert speed_config("faithful").prepare(batch, "cpu").text.shape[-1] == 18
 
     ref_terms, ref_grads = losses_and_grads(baseline, batch)
-    terms, grads = losses_and_grads(fast, trimmed)
+    terms, grads = losses_and_grads(fast, cut)
     tolerance = 1e-9 if dtype == torch.float64 else 1e-5
     for key, value in ref_terms.items():  # cosine terms are differences of O(1) numbers: relative to max(|v|, 1)
         assert abs(terms[key] - value) <= tolerance * max(abs(value), 1.0), (key, terms[key].item(), value.item())
@@ -77,19 +94,19 @@ def test_trimmed_lengths_round_up_to_a_multiple_and_compute_the_same(tiny_config
         setattr(batch, name, torch.cat([value, torch.zeros(value.shape[0], 10, *value.shape[2:], dtype=value.dtype)],
                                        dim=1))  # 10 more frames of padding
     steps = lambda b: (b.text.shape[-1], b.audio.shape[1], b.vision.shape[1], b.vision_dropped.shape[1])  # noqa: E731
-    assert steps(batch.trimmed()) == (12, 15, 11, 11)
-    assert steps(batch.trimmed(8)) == (16, 16, 16, 16)
-    assert steps(batch.trimmed(32)) == (18, 25, 21, 21)  # at most the padded lengths
+    assert steps(trimmed(batch)) == (12, 15, 11, 11)
+    assert steps(trimmed(batch, 8)) == (16, 16, 16, 16)
+    assert steps(trimmed(batch, 32)) == (18, 25, 21, 21)  # at most the padded lengths
     assert steps(SpeedConfig().prepare(batch, "cpu")) == (12, 15, 11, 11)  # rounding is CUDA's default only
     assert steps(SpeedConfig(trim_multiple=8).prepare(batch, "cpu")) == (16, 16, 16, 16)
     with pytest.raises(ValueError, match="trim_multiple=0"):
         SpeedConfig(trim_multiple=0)
 
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config(fused_views=True, stack_modalities="time")).train().double()
-    model.text_encoder.eval()
-    terms, grads = losses_and_grads(model, batch.trimmed())
-    terms8, grads8 = losses_and_grads(model, batch.trimmed(8))
+    model = build_model(tiny_config, fused_views=True, stack_modalities="time").train().double()
+    model.net.text_encoder.eval()
+    terms, grads = losses_and_grads(model, trimmed(batch))
+    terms8, grads8 = losses_and_grads(model, trimmed(batch, 8))
     for key, value in terms.items():
         torch.testing.assert_close(terms8[key], value, rtol=1e-9, atol=1e-12, msg=key)
     for name, grad in grads.items():
@@ -102,7 +119,7 @@ def test_unknown_precision_is_refused():
 
 
 def test_bf16_autocast_runs_on_cpu(tiny_config):
-    model = EMTDLFR(tiny_config()).train()
+    model = build_model(tiny_config).train()
     speed = SpeedConfig(precision="bf16")
     with speed.autocast("cpu"):
         out = compute_loss(model, random_batch(3), LossWeights())
@@ -110,49 +127,64 @@ def test_bf16_autocast_runs_on_cpu(tiny_config):
     assert torch.isfinite(out.total)
 
 
-@pytest.mark.parametrize("encoder_autocast", [True, False])
-def test_encoder_can_stay_float32_under_autocast(tiny_config, encoder_autocast):
-    """``encoder_autocast: false`` keeps BERT in float32 inside a bf16 autocast region (the fusion still runs in
-    bf16); BERT's output then equals its float32 output, and the step trains every parameter as before."""
-    model = EMTDLFR(tiny_config(encoder_autocast=encoder_autocast)).train()
-    model.text_encoder.eval()  # no dropout: the float32 output is reproducible
-    text = random_batch(3).text
-    linear_dtypes = set()
-    dense = model.text_encoder.bert.encoder.layer[0].attention.output.dense  # a Linear both BERT paths call
-    dense.register_forward_hook(lambda _m, _a, out: linear_dtypes.add(out.dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        tokens = model.text_encoder(text)
-    assert linear_dtypes == {torch.bfloat16 if encoder_autocast else torch.float32}
-    assert torch.equal(tokens, model.text_encoder(text)) is not encoder_autocast  # float32: the same numbers
-    model.train()
-    with SpeedConfig(precision="bf16").autocast("cpu"):
-        out = compute_loss(model, random_batch(3), LossWeights())
-    out.total.backward()
-    assert torch.isfinite(out.total)
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    assert not missing
+def test_removed_levers_are_accepted_only_at_their_shipped_value(tiny_config):
+    """``encoder_cast_once`` (superseded) and ``encoder_autocast`` (no gain measured) were taken out: at their
+    shipped value a config still runs, with a warning; at any other value it is refused, naming why; so is
+    ``stack_modalities: "batch"``. An unknown key is refused naming the closest lever."""
+    with pytest.warns(UserWarning, match="encoder_cast_once=False no longer does anything"):
+        assert speed_config("fast", encoder_cast_once=False) == speed_config("fast")
+    with pytest.warns(UserWarning, match="encoder_autocast"):
+        speed_config("fast", encoder_autocast=True)
+    with pytest.raises(ValueError, match="encoder_cast_once=True: this setting was removed .superseded"):
+        speed_config("fast", encoder_cast_once=True)
+    with pytest.raises(ValueError, match="encoder_autocast=False: this setting was removed"):
+        speed_config("faithful", encoder_autocast=False)
+    with pytest.raises(ValueError, match='stack_modalities="batch": this setting was removed'):
+        speed_config("fast", stack_modalities="batch")
+    with pytest.raises(ValueError, match="unknown speed setting 'fused_atention' .did you mean 'fused_attention'"):
+        speed_config("fast", fused_atention=True)
+    with pytest.raises(ValueError, match="speed='quick' is not a preset; choose one of .'faithful', 'fast'"):
+        speed_config("quick")
 
 
-def test_tf32_for_float32_matmuls_only_inside_a_low_precision_cuda_epoch():
-    """The TF32 switch is scoped: on with bf16 on CUDA, untouched with fp32 or on the CPU, restored after."""
-    before = torch.backends.cuda.matmul.allow_tf32
-    seen = {}
-    for precision, device in (("bf16", "cuda"), ("fp32", "cuda"), ("bf16", "cpu")):
-        with SpeedConfig(precision=precision).float32_matmuls(device):
-            seen[precision, device] = torch.backends.cuda.matmul.allow_tf32
-        assert torch.backends.cuda.matmul.allow_tf32 == before
-    assert seen == {("bf16", "cuda"): True, ("fp32", "cuda"): before, ("bf16", "cpu"): before}
+def test_presets_and_auto_values_follow_the_device():
+    """``faithful`` is the authors' way, ``fast`` the shipped default; 'auto' resolves per device."""
+    faithful, fast = speed_config("faithful"), speed_config("fast")
+    assert (faithful.fused_attention, faithful.fused_views, faithful.packed_lstm, faithful.numpy_dropout,
+            faithful.trim_padding, faithful.precision) == (False, False, True, False, False, "fp32")
+    assert fast.resolved("cuda").stack_modalities == "time" and fast.resolved("cpu").stack_modalities is None
+    assert fast.resolved("cpu").checkpoint_fusion is True
+    assert speed_config("fast", precision="fp32").resolved("cuda").precision == "fp32"
 
 
-@pytest.mark.parametrize("stacking", ["time", "batch"])
-def test_stacked_modalities_in_the_full_model(tiny_config, stacking):
+def test_apply_swaps_classes_back_and_forth_without_touching_the_state(tiny_config):
+    """``apply`` makes a paper-built model fast and, with ``faithful``, the paper's classes again: the same
+    parameters, the same state-dict keys and values."""
+    from mmsa_emt.dlfr import DLFR
+    from mmsa_emt.fast import apply
+    from mmsa_emt.nn.attention import Attention
+
+    model = build_model(tiny_config, "faithful")
+    paper_types = {name: type(m) for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    apply(model, "fast", "cuda")  # as on CUDA: joined fusion too (nothing runs here)
+    assert type(model) is not DLFR and type(model.net.emt).__name__ == "JoinedEMT"
+    assert all(type(m) is not Attention for m in model.modules())
+    apply(model, "faithful")
+    assert {name: type(m) for name, m in model.named_modules()} == paper_types
+    assert [id(p) for p in model.parameters()] == params
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_stacked_modalities_in_the_full_model(tiny_config):
     """The stacked fusion inside the network: same losses and gradients as the per-modality loop (float64)."""
     torch.manual_seed(0)
-    loop = EMTDLFR(tiny_config(fused_views=True)).train().double()
-    stacked = EMTDLFR(tiny_config(fused_views=True, stack_modalities=stacking)).train().double()
+    loop = build_model(tiny_config, fused_views=True).train().double()
+    stacked = build_model(tiny_config, fused_views=True, stack_modalities="time").train().double()
     stacked.load_state_dict(loop.state_dict())
     for model in (loop, stacked):
-        model.text_encoder.eval()
+        model.net.text_encoder.eval()
     assert_same_losses_and_grads(loop, stacked, padded_batch(8, torch.float64), losses=(1e-9, 1e-9),
                                  grads=(1e-7, 1e-9))
 
@@ -170,8 +202,8 @@ def test_compiled_model_computes_the_same_and_keeps_its_state_dict(tiny_config):
     from mmsa_emt.trainer import compile_model
 
     torch.manual_seed(0)
-    config = tiny_config(stack_modalities="time", checkpoint_fusion=True, modalities=("audio", "vision"))
-    eager, compiled = EMTDLFR(config).train(), EMTDLFR(config).train()
+    settings = dict(stack_modalities="time", checkpoint_fusion=True, modalities=("audio", "vision"))
+    eager, compiled = build_model(tiny_config, **settings).train(), build_model(tiny_config, **settings).train()
     compiled.load_state_dict(eager.state_dict())
     keys = list(compiled.state_dict())
     compile_model(compiled, backend="aot_eager")
@@ -185,17 +217,17 @@ def test_compiled_model_computes_the_same_and_keeps_its_state_dict(tiny_config):
 
 
 def test_cpu_dropout_paths_compile_without_graph_breaks():
-    """Inside ``torch.compile`` the CPU's numpy-masked paths (the chunked attention, ``nn.dropout.Dropout``) give way
+    """Inside ``torch.compile`` the CPU's numpy-masked paths (the chunked attention, ``fast.dropout.Dropout``) give way
     to torch's traceable kernels, the attention-kernel choice is read once while tracing, and the sinusoid table is
     built in the graph: no graph break, and dropout still drops (zeros, survivors scaled by 1 / (1 - p))."""
     from torch._dynamo.utils import counters
 
-    from mmsa_emt.nn.dropout import Dropout
-    from mmsa_emt.nn.emt import Attention, PositionalEmbedding
+    from mmsa_emt.fast.dropout import Dropout
+    from mmsa_emt.fast.fusion import CachedPositionalEmbedding, FastAttention
 
     torch.manual_seed(0)
-    attention, dropout = Attention(8, heads=2, dropout=0.5).train(), Dropout(0.5).train()
-    position = PositionalEmbedding(8)
+    attention, dropout = FastAttention(8, heads=2, dropout=0.5).train(), Dropout(0.5).train()
+    position = CachedPositionalEmbedding(8)
     x, mask = torch.randn(2, 6, 8), torch.arange(6)[None] < torch.tensor([[6], [3]])
 
     def step(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,11 +246,12 @@ def test_cpu_dropout_paths_compile_without_graph_breaks():
 def test_padded_lstm_computes_what_the_packed_lstm_computes(layers):
     """Same local sequence (zeros at padded steps before the Linear), same utterance vector, same gradients of
     every weight and of the input, for lengths from 1 to the full width (float64)."""
+    from mmsa_emt.fast.encoders import PaddedSequenceEncoder
     from mmsa_emt.nn.encoders import SequenceEncoder
 
     torch.manual_seed(0)
-    packed = SequenceEncoder(5, 8, 4, num_layers=layers, packed=True).double()
-    padded = SequenceEncoder(5, 8, 4, num_layers=layers, packed=False).double()
+    packed = SequenceEncoder(5, 8, 4, num_layers=layers).double()
+    padded = PaddedSequenceEncoder(5, 8, 4, num_layers=layers).double()
     padded.load_state_dict(packed.state_dict())
     lengths = torch.tensor([7, 1, 4, 7, 2])
     x = torch.randn(5, 9, 5, dtype=torch.float64)  # two columns beyond the longest sequence
@@ -241,10 +274,11 @@ def test_padded_lstm_computes_what_the_packed_lstm_computes(layers):
 def test_lstm_runs_in_float32_under_autocast(packed):
     """Under bf16 autocast the recurrence sees float32 input with autocast off (CUDA autocast would give cuDNN's
     LSTM float16 whatever the autocast dtype); the Linear after it is autocast as usual."""
+    from mmsa_emt.fast.encoders import PaddedSequenceEncoder
     from mmsa_emt.nn.encoders import SequenceEncoder
 
     torch.manual_seed(0)
-    encoder = SequenceEncoder(5, 8, 4, packed=packed)
+    encoder = (SequenceEncoder if packed else PaddedSequenceEncoder)(5, 8, 4)
     seen = []
     encoder.rnn.register_forward_pre_hook(lambda _, args: seen.append((torch.is_autocast_enabled("cpu"),
                                                                         args[0].data.dtype)))
@@ -259,13 +293,13 @@ def test_encoder_checkpointing_recomputes_and_changes_nothing(tiny_config):
     """``checkpoint_encoder``: BERT's layers run again in the backward pass (counted), and losses and gradients are
     those without it, dropout included (float64, same seed)."""
     torch.manual_seed(0)
-    plain = EMTDLFR(tiny_config()).train().double()
-    checkpointed = EMTDLFR(tiny_config(checkpoint_encoder=True)).train().double()
+    plain = build_model(tiny_config).train().double()
+    checkpointed = build_model(tiny_config, checkpoint_encoder=True).train().double()
     checkpointed.load_state_dict(plain.state_dict())
     batch = padded_batch(8, torch.float64)
     results, calls = [], []
     for model in (plain, checkpointed):
-        layer = model.text_encoder.bert.encoder.layer[0].intermediate  # inside the checkpointed forward
+        layer = model.net.text_encoder.bert.encoder.layer[0].intermediate  # inside the checkpointed forward
         count = []
         handle = layer.register_forward_hook(lambda *_, count=count: count.append(1))
         torch.manual_seed(1)
@@ -280,40 +314,13 @@ def test_encoder_checkpointing_recomputes_and_changes_nothing(tiny_config):
         torch.testing.assert_close(grads[name], grad, rtol=1e-8, atol=1e-10, msg=name)
 
 
-def test_casting_bert_weights_once_gives_autocasts_values_and_gradients(tiny_config):
-    """``encoder_cast_once``: under bf16 autocast, BERT's Linear weights cast in one concatenation give exactly
-    the output and every gradient of autocast's per-weight casts (same seed, dropout on), in far fewer operations
-    (counted with transformers' forward; with fused_qkv, in the test below); with checkpoint_encoder it is off (a
-    recomputed layer would see the float32 weights)."""
-    text, results = random_batch(3).text, []
-    for cast_once in (False, True):
-        torch.manual_seed(0)
-        model = EMTDLFR(tiny_config(encoder_cast_once=cast_once, encoder_fused_qkv=False)).train()
-        with OpCount() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
-            tokens = model.text_encoder(text)
-            tokens.float().square().sum().backward()
-        grads = {n: p.grad for n, p in model.text_encoder.named_parameters() if p.grad is not None}
-        results.append((tokens, grads, ops.n))
-    (tokens_each, grads_each, ops_each), (tokens_once, grads_once, ops_once) = results
-    assert torch.equal(tokens_once, tokens_each)
-    assert grads_once.keys() == grads_each.keys() and len(grads_once) > 20
-    for name, grad in grads_each.items():
-        assert grads_once[name].dtype == torch.float32 and torch.equal(grads_once[name], grad), name
-    linears = sum(isinstance(m, torch.nn.Linear) for m in model.text_encoder.modules())
-    # autocast: weight + bias cast per Linear, forward and backward (none for the frozen pooler); here a cat and
-    # a conversion each way, plus zeros for the pooler's missing gradients
-    assert ops_each - ops_once >= 4 * linears - 10
-    assert all(isinstance(getattr(m, attr), torch.nn.Parameter) for m, attr in model.text_encoder._linears)  # restored
-    assert not EMTDLFR(tiny_config(encoder_cast_once=True, checkpoint_encoder=True)).text_encoder.cast_once
-
-
 @pytest.mark.parametrize("checkpoint", [False, True])
 def test_bert_attention_picks_among_the_fusions_kernels(tiny_config, monkeypatch, checkpoint):
-    """BERT's SDPA attention runs under nn.sdpa.fused_backends (cuDNN's kernel left out on CUDA), as the fusion's
+    """BERT's SDPA attention runs under fast.sdpa.fused_backends (cuDNN's kernel left out on CUDA), as the fusion's
     does; with checkpoint_encoder it keeps PyTorch's choice, which its backward recomputation also sees."""
     from torch.nn.attention import SDPBackend
 
-    import mmsa_emt.nn.encoders as encoders
+    import mmsa_emt.fast.encoders as encoders
 
     monkeypatch.setattr(encoders, "fused_backends", lambda device: [SDPBackend.MATH])
     seen = []
@@ -324,15 +331,15 @@ def test_bert_attention_picks_among_the_fusions_kernels(tiny_config, monkeypatch
         return sdpa(*args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    model = EMTDLFR(tiny_config(checkpoint_encoder=checkpoint))
-    if model.text_encoder.bert.config._attn_implementation != "sdpa":
-        pytest.fail(f"the tiny BERT uses {model.text_encoder.bert.config._attn_implementation!r} attention")
-    model.text_encoder(random_batch(2).text)
+    model = build_model(tiny_config, checkpoint_encoder=checkpoint)
+    if model.net.text_encoder.bert.config._attn_implementation != "sdpa":
+        pytest.fail(f"the tiny BERT uses {model.net.text_encoder.bert.config._attn_implementation!r} attention")
+    model.net.text_encoder(random_batch(2).text)
     assert seen and set(seen) == {checkpoint}  # math only: the efficient kernel switched off inside BERT
     assert torch.backends.cuda.mem_efficient_sdp_enabled()  # and back on after
 
 
-@pytest.mark.parametrize("case", ["fp32", "bf16", "bf16-cast-once", "bf16-bert-fp32", "fp64"])
+@pytest.mark.parametrize("case", ["fp32", "bf16", "fp64"])
 def test_berts_ready_made_mask_has_the_dtype_of_its_queries(tiny_config, monkeypatch, case):
     """A float mask must have the queries' dtype for CUDA's fused kernels (the CPU's accept any float mask, so
     only this check catches a mismatch here): under bf16 autocast bf16, with BERT kept in float32 or without
@@ -345,15 +352,13 @@ def test_berts_ready_made_mask_has_the_dtype_of_its_queries(tiny_config, monkeyp
         return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
-    overrides = {"bf16-cast-once": {"encoder_cast_once": True}, "bf16-bert-fp32": {"encoder_autocast": False}}
-    encoder = EMTDLFR(tiny_config(**overrides.get(case, {}))).text_encoder.train()
+    encoder = build_model(tiny_config).net.text_encoder.train()
     if case == "fp64":
         encoder.double()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case.startswith("bf16"))
     with autocast:
         encoder(random_batch(4).text)
-    expected = {"bf16": torch.bfloat16, "bf16-cast-once": torch.bfloat16, "fp64": torch.float64}.get(case,
-                                                                                                  torch.float32)
+    expected = {"bf16": torch.bfloat16, "fp64": torch.float64}.get(case, torch.float32)
     assert seen and set(seen) == {(expected, expected)}
 
 
@@ -363,7 +368,7 @@ def test_bert_gets_a_ready_made_mask_without_the_host_sync(tiny_config, monkeypa
     on, same seed), and transformers never asks mask.all() (a host sync on CUDA)."""
     import transformers.masking_utils as masking
 
-    from mmsa_emt.nn.encoders import READY_MADE_MASKS
+    from mmsa_emt.fast.encoders import READY_MADE_MASKS
 
     assert READY_MADE_MASKS  # transformers >= 5 here
     asked = []
@@ -375,7 +380,7 @@ def test_bert_gets_a_ready_made_mask_without_the_host_sync(tiny_config, monkeypa
     outputs = []
     for ready_made in (False, True):
         torch.manual_seed(0)
-        encoder = EMTDLFR(tiny_config(encoder_fused_qkv=False)).text_encoder.train()  # transformers' forward
+        encoder = build_model(tiny_config, encoder_fused_qkv=False).net.text_encoder.train()  # transformers' forward
         if not ready_made:
             monkeypatch.setattr(encoder, "attention_mask", lambda mask, dtype: mask)
         asked.clear()
@@ -394,19 +399,17 @@ def encoder_run(encoder, text: torch.Tensor, seed: int, autocast: bool = False):
     return tokens, {n: p.grad for n, p in encoder.named_parameters() if p.grad is not None}, ops.n
 
 
-@pytest.mark.parametrize("case", ["fp64", "fp32", "bf16", "bf16-cast-once", "eval"])
+@pytest.mark.parametrize("case", ["fp64", "fp32", "bf16", "eval"])
 def test_fused_qkv_bert_computes_what_transformers_bert_computes(tiny_bert, tiny_config, case):
     """``encoder_fused_qkv``: BERT's layers with one query/key/value matmul give transformers' output and every
     gradient, dropout on and the same seed (the same masks: same dropout modules, same order), in fewer
     operations; in float64 to 1e-12, in float32 to 1e-5, under bf16 autocast to bf16's rounding."""
-    from mmsa_emt.nn.encoders import BertTextEncoder
-
     batch = random_batch(4, text_len=12)
     assert (batch.text[:, 1] == 0).any()  # padded tokens, masked
     text = torch.cat([batch.text, batch.text_m])  # both views, as the model stacks them
     runs = []
     for fused in (False, True):
-        encoder = BertTextEncoder(str(tiny_bert), cast_once=case == "bf16-cast-once", fused_qkv=fused)
+        encoder = fast_bert(tiny_bert, fused_qkv=fused)
         encoder.train(case != "eval")
         if case == "fp64":
             encoder.double()
@@ -430,18 +433,17 @@ def test_fused_qkv_falls_back_where_it_cannot_run(tiny_bert, tiny_config, caplog
     chunked feed-forward blocks) the encoder keeps transformers' forward, and says so."""
     import logging
 
-    from mmsa_emt.nn.encoders import BertTextEncoder
-    from mmsa_emt.nn.fused_bert import unsupported
+    from mmsa_emt.fast.fused_bert import unsupported
 
-    with caplog.at_level(logging.INFO, logger="mmsa_emt.nn.encoders"):
-        assert not BertTextEncoder(str(tiny_bert), checkpoint=True, fused_qkv=True).fused_qkv
+    with caplog.at_level(logging.INFO, logger="mmsa_emt.fast.encoders"):
+        assert not fast_bert(tiny_bert, checkpoint=True, fused_qkv=True).fused_qkv
     assert "checkpoint_encoder" in caplog.text
-    encoder = BertTextEncoder(str(tiny_bert), fused_qkv=True)
+    encoder = fast_bert(tiny_bert, fused_qkv=True)
     assert encoder.fused_qkv and unsupported(encoder.bert) is None
     encoder.bert.config.chunk_size_feed_forward = 4
     assert "chunk_size_feed_forward" in unsupported(encoder.bert)
     assert "is not a BertModel" in unsupported(torch.nn.Linear(2, 2))
-    assert EMTDLFR(tiny_config()).text_encoder.fused_qkv  # on by default
+    assert build_model(tiny_config).net.text_encoder.fused_qkv  # on by default
 
 
 def test_fused_qkv_bert_compiles_without_graph_breaks(tiny_bert):
@@ -449,10 +451,8 @@ def test_fused_qkv_bert_compiles_without_graph_breaks(tiny_bert):
     same output and gradients as eager (dropout off). Traced with 'aot_eager', as above (~10 s)."""
     from torch._dynamo.utils import counters
 
-    from mmsa_emt.nn.encoders import BertTextEncoder
-
     text = random_batch(3).text
-    encoder = BertTextEncoder(str(tiny_bert), fused_qkv=True).eval()
+    encoder = fast_bert(tiny_bert, fused_qkv=True).eval()
     eager_tokens, eager_grads, _ = encoder_run(encoder, text, seed=0)
     counters.clear()
     compiled = torch.compile(encoder.forward, dynamic=True, backend="aot_eager")
@@ -473,7 +473,7 @@ def test_reused_weight_casts_train_and_evaluate_exactly_as_autocast(tiny_config,
     those of autocast's own casts and autograd's accumulation, bit for bit (dropout on, same seed, the fusion's
     feed-forward recomputed). Casting happens exactly once per group: with a stale copy the second group would
     train on old weights."""
-    from mmsa_emt.nn.weight_casts import ReusedCasts
+    from mmsa_emt.fast.weight_casts import ReusedCasts
     from mmsa_emt.trainer import OptimConfig, build_optimizer, evaluate, train_one_epoch
 
     casts_made = []
@@ -483,8 +483,8 @@ def test_reused_weight_casts_train_and_evaluate_exactly_as_autocast(tiny_config,
     results = []
     for reuse in (False, True):
         torch.manual_seed(0)  # the fusion as shipped for CUDA: joined along time, feed-forward recomputed
-        model = EMTDLFR(tiny_config(attn_dropout=0.2, ff_dropout=0.1, post_fusion_dropout=0.2,
-                                    stack_modalities="time", checkpoint_fusion=True))
+        model = build_model(tiny_config, attn_dropout=0.2, ff_dropout=0.1, post_fusion_dropout=0.2,
+                                    stack_modalities="time", checkpoint_fusion=True)
         speed = SpeedConfig(precision=precision, reuse_weight_casts=reuse)  # fp16: with loss scaling
         casts_made.clear()
         train = train_one_epoch(model, batches, build_optimizer(model, OptimConfig()), LossWeights(),
@@ -501,25 +501,23 @@ def test_reused_weight_casts_train_and_evaluate_exactly_as_autocast(tiny_config,
 
 
 def test_reused_weight_casts_cover_what_autocast_casts(tiny_config):
-    """The slots cast once are every Linear's weight and bias, BERT's only when it runs under autocast; within
+    """The slots cast once are every Linear's weight and bias, BERT's too; within
     ``applied`` the model reads bf16 views with a gradient path to the float32 parameters (none for the frozen
     pooler); outside autocast nothing is swapped."""
-    from mmsa_emt.nn.weight_casts import ReusedCasts
+    from mmsa_emt.fast.weight_casts import ReusedCasts
 
-    model = EMTDLFR(tiny_config())
-    slots = model.low_precision_slots()
+    model = build_model(tiny_config)
+    slots = low_precision_slots(model)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert len(slots) == sum(1 + (m.bias is not None) for m in linears)
-    bert = set(model.text_encoder.modules())
-    assert not any(m in bert for m, _ in EMTDLFR(tiny_config(encoder_autocast=False)).low_precision_slots())
     casts = ReusedCasts(slots)
-    pooler = model.text_encoder.bert.pooler.dense
+    pooler = model.net.text_encoder.bert.pooler.dense
     with casts.applied("cpu"):
-        assert model.head[1].weight.dtype == torch.float32  # no autocast: nothing swapped
+        assert model.net.head[1].weight.dtype == torch.float32  # no autocast: nothing swapped
     with torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
-        assert model.head[1].weight.dtype == torch.bfloat16 and model.head[1].weight.grad_fn is not None
+        assert model.net.head[1].weight.dtype == torch.bfloat16 and model.net.head[1].weight.grad_fn is not None
         assert pooler.weight.dtype == torch.bfloat16 and pooler.weight.grad_fn is None
-    assert isinstance(model.head[1].weight, torch.nn.Parameter)
+    assert isinstance(model.net.head[1].weight, torch.nn.Parameter)
 
 
 def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
@@ -527,7 +525,7 @@ def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
     one operation; if a ``.grad`` is not one of its views (zeros left by the optimizer) it adds per parameter.
     Either way each gradient is the float32 sum of the passes', as autograd's accumulation makes it. A training
     group of 2 batches then launches far fewer operations than autocast's casts and accumulation."""
-    from mmsa_emt.nn.weight_casts import FlatGradients, ReusedCasts
+    from mmsa_emt.fast.weight_casts import FlatGradients, ReusedCasts
     from mmsa_emt.trainer import OptimConfig, build_optimizer, train_one_epoch
 
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
@@ -548,14 +546,14 @@ def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
 
     counts = []
     for reuse in (False, True):
-        model = EMTDLFR(tiny_config())
+        model = build_model(tiny_config)
         optimizer = build_optimizer(model, OptimConfig())
         speed = SpeedConfig(precision="bf16", reuse_weight_casts=reuse)
         with OpCount() as ops:
             train_one_epoch(model, [random_batch(3, seed=i) for i in range(2)], optimizer, LossWeights(),
                             update_every=2, progress=False, speed=speed)
         counts.append(ops.n)
-    slots = len(ReusedCasts(model.low_precision_slots()).slots)
+    slots = len(ReusedCasts(low_precision_slots(model)).slots)
     # per batch: a weight cast forward and a gradient cast backward per slot; an accumulation per slot in batch 2
     assert counts[0] - counts[1] >= 4 * slots
 
@@ -565,14 +563,14 @@ def test_reused_casts_in_groups_give_autocasts_gradients(tiny_config, group_size
     """Cast in consecutive groups (64 elements: dozens of groups, BERT's query/key/value families kept whole;
     2**23: one) the gradients of two accumulated mini-batches are those of autocast's casts and autograd's
     accumulation, bit for bit, and the copies are views of as many flat tensors as there are groups."""
-    from mmsa_emt.nn.weight_casts import ReusedCasts
+    from mmsa_emt.fast.weight_casts import ReusedCasts
 
     batches = [random_batch(3, seed=i) for i in range(2)]
     grads = []
     for reuse in (False, True):
         torch.manual_seed(0)
-        model = EMTDLFR(tiny_config(attn_dropout=0.2)).train()
-        casts = ReusedCasts(model.low_precision_slots(), joined=model.joined_slots(), group_size=group_size)
+        model = build_model(tiny_config, attn_dropout=0.2).train()
+        casts = ReusedCasts(low_precision_slots(model), joined=joined_families(model), group_size=group_size)
         for batch in batches:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 if reuse:
@@ -595,17 +593,17 @@ def test_norm_parameters_accumulate_their_gradients_in_flat_buffers(tiny_config)
     float32 views of one concatenation per group, and after two accumulated mini-batches their ``.grad`` are views of
     one flat buffer holding autograd's own sums, bit for bit, with fewer operations; under no_grad (evaluation)
     the parameters themselves are read."""
-    from mmsa_emt.nn.weight_casts import ReusedCasts, norm_slots
+    from mmsa_emt.fast.weight_casts import ReusedCasts, norm_slots
 
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config(ff_dropout=0.1)).train()
-    gathered = model.gathered_slots()
+    model = build_model(tiny_config, ff_dropout=0.1).train()
+    gathered = gathered_slots(model)
     assert {type(m) for m, _ in gathered} == {torch.nn.LayerNorm, torch.nn.BatchNorm1d, torch.nn.Embedding}
-    slotted = {id(getattr(m, a)) for m, a in model.low_precision_slots() + gathered}
+    slotted = {id(getattr(m, a)) for m, a in low_precision_slots(model) + gathered}
     lstms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LSTM) for p in m.parameters()}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable - slotted == lstms
-    words = model.text_encoder.bert.embeddings.word_embeddings
+    words = model.net.text_encoder.bert.embeddings.word_embeddings
     assert (words, "weight") in gathered
     assert (words, "weight") not in norm_slots([model], largest=words.weight.numel() - 1)
     assert norm_slots([torch.nn.Embedding(5, 3, max_norm=1.0)]) == []  # renormalised in place: not a copy's job
@@ -616,7 +614,7 @@ def test_norm_parameters_accumulate_their_gradients_in_flat_buffers(tiny_config)
     for gather in ([], gathered):
         torch.manual_seed(1)
         model.zero_grad(set_to_none=True)
-        casts = ReusedCasts(model.low_precision_slots(), gathered=gather)
+        casts = ReusedCasts(low_precision_slots(model), gathered=gather)
         with OpCount() as ops:
             for batch in batches:
                 with torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
@@ -641,14 +639,14 @@ def test_fused_bert_reads_each_layers_query_key_value_as_one_cast_piece(tiny_con
     copies alike, also when the families are larger than a group; outside it, or for tensors that are not such a
     family in order, it concatenates. (Training through the pieces gives autocast's values and gradients bit for
     bit: the tests above run the fused encoder.)"""
-    from mmsa_emt.nn.weight_casts import ReusedCasts, joined
+    from mmsa_emt.fast.weight_casts import ReusedCasts, joined
 
-    model = EMTDLFR(tiny_config()).train()
-    families = model.joined_slots()
-    assert len(families) == 2 * model.text_encoder.bert.config.num_hidden_layers  # weights and biases per layer
-    assert EMTDLFR(tiny_config(encoder_fused_qkv=False)).joined_slots() == []
+    model = build_model(tiny_config).train()
+    families = joined_families(model)
+    assert len(families) == 2 * model.net.text_encoder.bert.config.num_hidden_layers  # weights and biases per layer
+    assert joined_families(build_model(tiny_config, encoder_fused_qkv=False)) == []
     for group_size in (64, 2**23):
-        casts = ReusedCasts(model.low_precision_slots(), joined=families, group_size=group_size)
+        casts = ReusedCasts(low_precision_slots(model), joined=families, group_size=group_size)
         for training in (True, False):
             with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16), \
                     casts.applied("cpu"):
@@ -680,8 +678,8 @@ def test_a_failing_compiler_backend_falls_back_to_eager_with_a_warning(tiny_conf
         raise AssertionError("Node slice_1 was invalid, but is output")  # the H200's error, planted
 
     torch.manual_seed(0)
-    config = tiny_config(stack_modalities="time", checkpoint_fusion=True, modalities=("audio", "vision"))
-    eager, compiled = EMTDLFR(config).train(), EMTDLFR(config).train()
+    settings = dict(stack_modalities="time", checkpoint_fusion=True, modalities=("audio", "vision"))
+    eager, compiled = build_model(tiny_config, **settings).train(), build_model(tiny_config, **settings).train()
     compiled.load_state_dict(eager.state_dict())
     compile_model(compiled, backend=failing)
     batch = padded_batch(8, torch.float32)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import random_batch
 
-from mmsa_emt import EMTDLFR, LossWeights, compute_loss
+from mmsa_emt import DLFR, EMTDLFR, LossWeights, compute_loss
+from mmsa_emt.dlfr import emt_dlfr
 from mmsa_emt.nn.encoders import EncoderNotFoundError
 from mmsa_emt.registry import get_builder, list_models
 from mmsa_emt.trainer import OptimConfig, build_optimizer
@@ -14,9 +15,9 @@ from mmsa_emt.trainer import OptimConfig, build_optimizer
 
 @pytest.mark.parametrize("flags", list(itertools.product([True, False], repeat=3)))
 def test_forward_shapes_for_every_sharing_combination(tiny_config, flags):
-    model = EMTDLFR(tiny_config(mpu_share=flags[0], modality_share=flags[1], layer_share=flags[2]))
+    model = emt_dlfr(tiny_config(mpu_share=flags[0], modality_share=flags[1], layer_share=flags[2]))
     batch = random_batch(4)
-    view = model.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths, batch.vision_lengths)
+    view = model.net.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths, batch.vision_lengths)
     assert view.pred.shape == (4, 1)
     assert view.context.shape == (4, 3 * 16)
     assert view.utterance["text"].shape == (4, 32)  # the tiny encoder's width, not a configured 768
@@ -28,12 +29,12 @@ def test_forward_shapes_for_every_sharing_combination(tiny_config, flags):
 def test_a_new_network_is_wholly_in_training_mode(tiny_config):
     """transformers' from_pretrained returns BERT in eval mode; a new network must not hide it in training (BERT's
     dropout would be off for anyone who trains without calling train() first)."""
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     assert all(module.training for module in model.modules())
 
 
 def test_batch_size_one_inference_and_mmsa_call_without_lengths(tiny_config):
-    model = EMTDLFR(tiny_config()).eval()
+    model = emt_dlfr(tiny_config()).eval()
     batch = random_batch(1, rate=0.0)
     with torch.no_grad():
         out = model(batch.text, batch.audio, batch.vision, batch.audio_lengths, batch.vision_lengths)
@@ -46,14 +47,14 @@ def test_batch_size_one_inference_and_mmsa_call_without_lengths(tiny_config):
 
 
 def test_batch_of_one_in_training_gives_a_clear_error(tiny_config):
-    model = EMTDLFR(tiny_config()).train()
+    model = emt_dlfr(tiny_config()).train()
     with pytest.raises(ValueError, match="at least 2 samples"):
         compute_loss(model, random_batch(1), LossWeights())
 
 
 def test_every_trainable_parameter_gets_a_gradient(tiny_config):
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config(mpu_share=False, modality_share=False, layer_share=False)).train()
+    model = emt_dlfr(tiny_config(mpu_share=False, modality_share=False, layer_share=False)).train()
     batch = random_batch(4, rate=0.5)
     batch.labels = torch.full((4,), 5.0)  # far above every prediction: the L1 signs cannot cancel to zero
     out = compute_loss(model, batch, LossWeights())
@@ -67,10 +68,10 @@ def test_every_trainable_parameter_gets_a_gradient(tiny_config):
 
 def test_padding_changes_no_output(tiny_config):
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config()).eval()
+    model = emt_dlfr(tiny_config()).eval()
     batch = random_batch(3, rate=0.0)
     with torch.no_grad():
-        ref = model.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths, batch.vision_lengths)
+        ref = model.net.forward_view(batch.text, batch.audio, batch.vision, batch.audio_lengths, batch.vision_lengths)
         text = batch.text.clone()
         pad = text[:, 1] == 0
         text[:, 0][pad] = 150.0  # other token ids under the attention mask's zeros
@@ -79,7 +80,7 @@ def test_padding_changes_no_output(tiny_config):
         vision_pad = torch.arange(batch.vision.shape[1])[None] >= batch.vision_lengths[:, None]
         audio = batch.audio + 50 * audio_pad[..., None] * torch.randn_like(batch.audio)
         vision = batch.vision + 50 * vision_pad[..., None] * torch.randn_like(batch.vision)
-        new = model.forward_view(text, audio, vision, batch.audio_lengths, batch.vision_lengths)
+        new = model.net.forward_view(text, audio, vision, batch.audio_lengths, batch.vision_lengths)
     assert pad.any() and audio_pad.any() and vision_pad.any()
     torch.testing.assert_close(new.pred, ref.pred, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(new.context, ref.context, atol=1e-5, rtol=1e-5)
@@ -89,7 +90,7 @@ def test_padding_changes_no_output(tiny_config):
 
 
 def test_parameter_counts_per_part_match_hand_counts(tiny_config):
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     counts = model.parameter_counts()
     e, d, ao, vo = 32, 16, 4, 6  # tiny encoder width, d_model, audio_out, vision_out
     lstm = lambda f, h, out: 4 * h * (f + h) + 8 * h + h * out + out  # noqa: E731
@@ -108,27 +109,28 @@ def test_parameter_counts_per_part_match_hand_counts(tiny_config):
 def test_registry_lists_and_builds_models(tiny_config):
     assert list_models() == ["emt-dlfr"]
     assert get_builder("EMT_DLFR") is get_builder("emt-dlfr")
-    assert isinstance(get_builder("EMT-DLFR")(tiny_config()), EMTDLFR)
+    built = get_builder("EMT-DLFR")(tiny_config())
+    assert isinstance(built, DLFR) and isinstance(built.net, EMTDLFR)  # the network wrapped by its objective
     with pytest.raises(KeyError, match="emt-dlfr"):
         get_builder("mult")
 
 
 def test_offline_hub_name_gives_a_clear_error(tiny_config):
     with pytest.raises(EncoderNotFoundError, match="local folder holding config.json"):
-        EMTDLFR(tiny_config(pretrained="bert-base-uncased-not-cached"))
+        emt_dlfr(tiny_config(pretrained="bert-base-uncased-not-cached"))
 
 
 def test_folder_without_config_gives_a_clear_error(tiny_config, tmp_path):
     with pytest.raises(EncoderNotFoundError, match="without config.json"):
-        EMTDLFR(tiny_config(pretrained=str(tmp_path)))
+        emt_dlfr(tiny_config(pretrained=str(tmp_path)))
 
 
 @pytest.mark.parametrize("modalities", [("audio", "vision"), ("text", "vision"), ("text",), ("audio",)])
 def test_any_subset_of_modalities(tiny_config, modalities):
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config(modalities=modalities)).train()
-    assert model.emt.pools[0].score[0].in_features == len(modalities) * 16  # pooling over M contexts of M*d
-    assert hasattr(model, "text_encoder") == ("text" in modalities)
+    model = emt_dlfr(tiny_config(modalities=modalities)).train()
+    assert model.net.emt.pools[0].score[0].in_features == len(modalities) * 16  # pooling over M contexts of M*d
+    assert hasattr(model.net, "text_encoder") == ("text" in modalities)
     batch = random_batch(4, rate=0.5)
     batch.labels = torch.full((4,), 5.0)
     out = compute_loss(model, batch, LossWeights())
@@ -138,4 +140,31 @@ def test_any_subset_of_modalities(tiny_config, modalities):
     out.total.backward()
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
     with pytest.raises(ValueError, match="non-empty subset"):
-        EMTDLFR(tiny_config(modalities=("smell",)))
+        emt_dlfr(tiny_config(modalities=("smell",)))
+
+
+def test_the_papers_modules_never_import_the_speed_machinery():
+    """model.py, dlfr.py and nn/*.py compute the paper's way: none of them imports ``mmsa_emt.fast`` (parsed,
+    relative and absolute imports alike), and the network config holds no how-to-compute switch."""
+    import ast
+    import dataclasses
+    from pathlib import Path
+
+    import mmsa_emt
+    from mmsa_emt import EMTDLFRConfig
+    from mmsa_emt.fast import LEVERS
+
+    package = Path(mmsa_emt.__file__).parent
+    paper = [package / "model.py", package / "dlfr.py", *sorted((package / "nn").glob("*.py"))]
+    assert len(paper) >= 5
+    for path in paper:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [alias.name for alias in node.names]
+                resolved = [("." * node.level) + name for name in names]
+                assert not any(n.startswith(("mmsa_emt.fast", ".fast", "..fast")) or (node.level and n == "fast")
+                               for n in resolved), f"{path.name} imports {resolved}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("mmsa_emt.fast") for a in node.names), path.name
+    assert not {f.name for f in dataclasses.fields(EMTDLFRConfig)} & {*LEVERS, "encoder_cast_once",
+                                                                       "encoder_autocast"}

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from conftest import random_batch
 
-from mmsa_emt import EMTDLFR, LossWeights, compute_loss
-from mmsa_emt.objective import attraction_loss, masked_reconstruction_loss, negative_cosine
+from mmsa_emt import LossWeights, compute_loss
+from mmsa_emt.dlfr import attraction_loss, emt_dlfr, masked_reconstruction_loss, negative_cosine
 
 
 def test_negative_cosine_degenerate_cases():
@@ -45,7 +45,7 @@ def test_reconstruction_empty_mask_is_zero_and_full_mask_is_the_mean():
 
 def test_reconstruction_targets_only_dropped_valid_steps(tiny_config):
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config()).eval()
+    model = emt_dlfr(tiny_config()).eval()
     batch = random_batch(3, rate=0.5, seed=3)
     with torch.no_grad():
         out = compute_loss(model, batch, LossWeights())
@@ -60,7 +60,7 @@ def test_reconstruction_targets_only_dropped_valid_steps(tiny_config):
 
 
 def test_total_loss_uses_the_authors_weighting(tiny_config):
-    model = EMTDLFR(tiny_config()).eval()
+    model = emt_dlfr(tiny_config()).eval()
     weights = LossWeights(attraction=0.3, reconstruction=0.7)
     with torch.no_grad():
         out = compute_loss(model, random_batch(4, rate=0.4), weights)
@@ -73,7 +73,7 @@ def test_total_loss_uses_the_authors_weighting(tiny_config):
 
 
 def test_at_rate_zero_the_views_coincide(tiny_config):
-    model = EMTDLFR(tiny_config()).eval()
+    model = emt_dlfr(tiny_config()).eval()
     with torch.no_grad():
         out = compute_loss(model, random_batch(4, rate=0.0), LossWeights())
     torch.testing.assert_close(out.pred, out.pred_complete)
@@ -81,7 +81,7 @@ def test_at_rate_zero_the_views_coincide(tiny_config):
 
 
 def test_stop_gradient_on_the_projector_outputs(tiny_config):
-    model = EMTDLFR(tiny_config()).train()
+    model = emt_dlfr(tiny_config()).train()
     heads = model.restoration
     x_c, x_i = torch.randn(4, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
     (z_c, p_c), (z_i, p_i) = heads.simsiam("vision", x_c), heads.simsiam("vision", x_i)
@@ -92,19 +92,19 @@ def test_stop_gradient_on_the_projector_outputs(tiny_config):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_both_views_through_the_heads_at_once_equal_two_calls(tiny_config, training):
-    """simsiam(x_c ++ x_i, views=2) with the stacked attraction loss: the z, p, loss, every gradient and the
-    BatchNorm running statistics of one call per view followed by Eq. 13 as written (float64)."""
+    """``fast.views.stacked_simsiam`` (x_c ++ x_i) with the stacked attraction loss: the z, p, loss, every gradient
+    and the BatchNorm running statistics of one call per view followed by Eq. 13 as written (float64)."""
     import copy
 
-    from mmsa_emt.objective import stacked_attraction_losses
+    from mmsa_emt.fast.views import stacked_attraction_losses, stacked_simsiam
 
     torch.manual_seed(0)
-    heads = EMTDLFR(tiny_config()).restoration.double().train(training)
+    heads = emt_dlfr(tiny_config()).restoration.double().train(training)
     twin = copy.deepcopy(heads)
     x_c, x_i = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64) * 3 + 1
     (z_c, p_c), (z_i, p_i) = twin.simsiam("vision", x_c), twin.simsiam("vision", x_i)
     separate = attraction_loss(p_c, z_c, p_i, z_i)
-    z, p = heads.simsiam("vision", torch.cat([x_c, x_i]), views=2)
+    z, p = stacked_simsiam(heads, "vision", torch.cat([x_c, x_i]))
     stacked = stacked_attraction_losses([p], [z])[0]
     torch.testing.assert_close(z, torch.cat([z_c, z_i]), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p, torch.cat([p_c, p_i]), rtol=1e-12, atol=1e-12)
@@ -123,7 +123,7 @@ def test_attraction_losses_of_all_heads_at_once_are_each_heads_own():
     """``stacked_attraction_losses``: heads of different widths, zero-padded and stacked, give each head's
     ``attraction_loss`` (Eq. 13 as written, on its views) and the same gradients (float64; z detached as SimSiam's
     stop-gradient)."""
-    from mmsa_emt.objective import stacked_attraction_losses
+    from mmsa_emt.fast.views import stacked_attraction_losses
 
     g = torch.Generator().manual_seed(0)
     widths = [6, 2, 9, 9]

@@ -13,7 +13,9 @@ import torch
 from conftest import random_batch
 from easydict import EasyDict
 
-from mmsa_emt import EMTDLFR, LossWeights, compute_loss
+from mmsa_emt import LossWeights, compute_loss
+from mmsa_emt.dlfr import emt_dlfr
+from mmsa_emt.fast import apply, speed_config
 from mmsa_emt.mmsa_compat import model_config_from_args
 
 REFERENCE = os.environ.get("EMT_DLFR_REFERENCE")
@@ -73,8 +75,11 @@ def reference_model(tiny_bert: Path, tmp_path: Path):
     sys.path.remove(REFERENCE)
 
 
+@pytest.mark.parametrize("speed", ["faithful", "fast"])
 @pytest.mark.parametrize("shares", [(True, True, True), (False, False, False), (True, False, True)])
-def test_same_outputs_as_the_reference(reference_model, tiny_bert, shares):
+def test_same_outputs_as_the_reference(reference_model, tiny_bert, shares, speed):
+    """The paper's modules as built (``faithful``) and made fast (``fast``, here with the fusion's modalities
+    joined along time as on CUDA) give the reference's predictions, SimSiam vectors and reconstructions."""
     args = dict(need_data_aligned=False, use_finetune=True, feature_dims=[32, 5, 7], a_lstm_hidden_size=8,
                 v_lstm_hidden_size=8, a_lstm_layers=1, v_lstm_layers=1, a_lstm_dropout=0.0, v_lstm_dropout=0.0,
                 text_out=32, audio_out=4, video_out=6, d_model=16, fusion_layers=2, heads=2, learnable_pos_emb=False,
@@ -84,7 +89,7 @@ def test_same_outputs_as_the_reference(reference_model, tiny_bert, shares):
                 pretrained=str(tiny_bert), model_name="emt-dlfr")
     torch.manual_seed(0)
     theirs = reference_model(args).eval()
-    ours = EMTDLFR(model_config_from_args(args)).eval()
+    ours = apply(emt_dlfr(model_config_from_args(args)), speed_config(speed, stack_modalities="time")).eval()
     mapped = {reference_to_ours(k): v for k, v in theirs.state_dict().items() if reference_to_ours(k)}
     ours.load_state_dict(mapped, strict=True)
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 from conftest import random_batch
 
-from mmsa_emt import EMTDLFR, LossWeights
+from mmsa_emt import LossWeights
+from mmsa_emt.dlfr import emt_dlfr
 from mmsa_emt.trainer import OptimConfig, build_optimizer, fit, train_one_epoch
 
 
 def test_optimizer_groups_follow_the_config(tiny_config):
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     config = OptimConfig(lr_bert=1e-5, lr_audio=2e-3, lr_vision=3e-4, lr_other=4e-3, wd_bert=0.1, wd_audio=0.2,
                          wd_vision=0.3, wd_other=0.4)
     groups = {g["name"]: g for g in build_optimizer(model, config).param_groups}
@@ -21,8 +22,8 @@ def test_optimizer_groups_follow_the_config(tiny_config):
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = [names[id(p)] for p in groups["bert_no_decay"]["params"]]
     assert no_decay and all("bias" in n or "LayerNorm" in n for n in no_decay)
-    assert all(names[id(p)].startswith("audio_encoder.") for p in groups["audio"]["params"])
-    assert any(names[id(p)].startswith("emt.") for p in groups["other"]["params"])
+    assert all(names[id(p)].startswith("net.audio_encoder.") for p in groups["audio"]["params"])
+    assert any(names[id(p)].startswith("net.emt.") for p in groups["other"]["params"])
     assert any(names[id(p)].startswith("restoration.") for p in groups["other"]["params"])
 
 
@@ -31,7 +32,7 @@ def test_fused_adam_is_the_default_on_cpu_and_updates_like_per_tensor_adam(tiny_
     per-tensor loop, in every group (its own learning rate and weight decay). One step: after it, rounding
     differences would be amplified by the parameters whose gradient is pure rounding noise (BERT's key bias)."""
     torch.manual_seed(0)
-    models = [EMTDLFR(tiny_config()), EMTDLFR(tiny_config())]
+    models = [emt_dlfr(tiny_config()), emt_dlfr(tiny_config())]
     models[1].load_state_dict(models[0].state_dict())
     start = [p.detach().clone() for p in models[0].parameters()]
     config = OptimConfig(lr_bert=1e-3, lr_audio=2e-3, lr_vision=3e-3, lr_other=4e-3, wd_bert=0.1, wd_audio=0.2,
@@ -51,7 +52,7 @@ def test_fused_adam_is_the_default_on_cpu_and_updates_like_per_tensor_adam(tiny_
 
 @pytest.mark.parametrize("n_batches,update_every,steps", [(7, 3, 3), (6, 3, 2), (4, 1, 4), (2, 4, 1)])
 def test_gradient_accumulation_steps_the_last_partial_group(tiny_config, n_batches, update_every, steps):
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     optimizer = build_optimizer(model, OptimConfig())
     calls = []
     step = optimizer.step
@@ -63,7 +64,7 @@ def test_gradient_accumulation_steps_the_last_partial_group(tiny_config, n_batch
 
 def test_fit_stops_early_saves_the_best_and_loads_it_back(tiny_config, tmp_path):
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     train = [random_batch(4, seed=i) for i in range(2)]
     valid = [random_batch(4, seed=10)]
     path = tmp_path / "best.pth"
@@ -89,7 +90,7 @@ def test_fit_reloads_the_best_weights_only_when_they_are_not_the_last(tiny_confi
     import mmsa_emt.trainer as trainer
 
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     calls, valid_scores = [], iter(scores)
     metric = lambda p, y: {"Score": next(valid_scores)} if len(p) == 5 else {}  # noqa: E731  (valid: 5 samples)
     load = torch.load
@@ -107,7 +108,7 @@ def test_fit_reloads_the_best_weights_only_when_they_are_not_the_last(tiny_confi
 def test_a_key_metric_that_is_never_a_number_is_a_clear_error(tiny_config, tmp_path):
     """A NaN validation score every epoch (e.g. the correlation of constant predictions) saves nothing: the error
     says so and names the metric, instead of failing to find the checkpoint."""
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     with pytest.raises(ValueError, match=r"valid Corr never improved.*nan after 2 epochs.*KeyEval"):
         fit(model, [random_batch(3)], [random_batch(3, seed=1)], optimizer=build_optimizer(model, OptimConfig()),
             weights=LossWeights(), metric_fn=lambda p, y: {"Corr": float("nan")}, key_metric="Corr",
@@ -116,7 +117,7 @@ def test_a_key_metric_that_is_never_a_number_is_a_clear_error(tiny_config, tmp_p
 
 
 def test_unknown_key_metric_lists_the_choices(tiny_config, tmp_path):
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     with pytest.raises(KeyError, match="KeyEval='Acc'.*Loss"):
         fit(model, [random_batch(3)], [random_batch(3)], optimizer=build_optimizer(model, OptimConfig()),
             weights=LossWeights(), metric_fn=lambda p, y: {}, key_metric="Acc", save_path=tmp_path / "x.pth",
@@ -128,7 +129,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tiny_config, tm
     disk after a few bytes) raises an error naming the file and leaves the last good checkpoint as it was."""
     import mmsa_emt.trainer as trainer
 
-    model, path = EMTDLFR(tiny_config()), tmp_path / "best.pth"
+    model, path = emt_dlfr(tiny_config()), tmp_path / "best.pth"
     checkpoint = trainer.BestCheckpoint(path, prefix="Model.")
     checkpoint.save(model)
     good = path.read_bytes()
@@ -152,7 +153,7 @@ def test_background_checkpoint_writes_a_snapshot_and_restores_it_from_memory(tin
     (no file read); a failed write is raised by the next ``wait``."""
     import mmsa_emt.trainer as trainer
 
-    model, path = EMTDLFR(tiny_config()), tmp_path / "best.pth"
+    model, path = emt_dlfr(tiny_config()), tmp_path / "best.pth"
     saved_state = {k: v.clone() for k, v in model.state_dict().items()}
     checkpoint = trainer.BestCheckpoint(path, prefix="Model.", background=True)
     checkpoint.save(model)
@@ -183,7 +184,7 @@ def test_fit_with_a_background_checkpoint_returns_with_the_best_weights_on_disk(
     original = trainer.BestCheckpoint
     monkeypatch.setattr(trainer, "BestCheckpoint", lambda *a, **k: original(*a, **{**k, "background": True}))
     torch.manual_seed(0)
-    model, path, scores = EMTDLFR(tiny_config()), tmp_path / "best.pth", iter([1.0, 2.0, 3.0])
+    model, path, scores = emt_dlfr(tiny_config()), tmp_path / "best.pth", iter([1.0, 2.0, 3.0])
     metric = lambda p, y: {"Score": next(scores)} if len(p) == 5 else {}  # noqa: E731  (valid: 5 samples)
     result = fit(model, [random_batch(4, seed=i) for i in range(2)], [random_batch(5, seed=10)],
                  optimizer=build_optimizer(model, OptimConfig()), weights=LossWeights(), metric_fn=metric,

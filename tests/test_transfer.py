@@ -1,10 +1,11 @@
-"""Host-to-device copies without a host synchronisation (nn.transfer.to_device), checked without a GPU."""
+"""Host-to-device copies without a host synchronisation (fast.transfer.to_device), checked without a GPU."""
 
 from typing import ClassVar
 
 import torch
+from conftest import build_model
 
-from mmsa_emt.nn.transfer import to_device
+from mmsa_emt.fast.transfer import to_device
 
 
 class Recorded(torch.Tensor):
@@ -41,12 +42,10 @@ def test_model_hands_back_lengths_on_the_inputs_device(tiny_config):
     """encode() returns the lengths the masks are built from on the device of the sequences (no .to() later)."""
     from conftest import random_batch
 
-    from mmsa_emt import EMTDLFR
-
-    model = EMTDLFR(tiny_config()).eval()
+    model = build_model(tiny_config).eval()
     batch = random_batch(3)
     with torch.no_grad():
-        _, local, lengths = model.encode("audio", batch.audio, batch.audio_lengths)
+        _, local, lengths = model.net.encode("audio", batch.audio, batch.audio_lengths)
     assert lengths.device == local.device
     assert torch.equal(lengths, batch.audio_lengths.clamp(min=1))
 
@@ -55,16 +54,16 @@ def test_lengths_are_copied_to_the_device_once_per_modality(tiny_config, monkeyp
     """encode() hands its device copy to the padded LSTM, which then copies nothing itself."""
     from conftest import random_batch
 
-    import mmsa_emt.model
-    import mmsa_emt.nn.encoders
-    from mmsa_emt import EMTDLFR
+    import mmsa_emt.fast.encoders
+    import mmsa_emt.fast.views
 
     copies = []
-    monkeypatch.setattr(mmsa_emt.model, "to_device", lambda t, device: copies.append("model") or to_device(t, device))
-    monkeypatch.setattr(mmsa_emt.nn.encoders, "to_device",
+    monkeypatch.setattr(mmsa_emt.fast.views, "to_device",
+                        lambda t, device: copies.append("model") or to_device(t, device))
+    monkeypatch.setattr(mmsa_emt.fast.encoders, "to_device",
                         lambda t, device: copies.append("encoder") or to_device(t, device))
-    model = EMTDLFR(tiny_config(packed_lstm=False)).eval()
+    model = build_model(tiny_config, packed_lstm=False).eval()
     batch = random_batch(3)
     with torch.no_grad():
-        model.encode("audio", batch.audio, batch.audio_lengths)
+        model.net.encode("audio", batch.audio, batch.audio_lengths)
     assert copies == ["model"]

@@ -32,28 +32,22 @@ class _KeepAndScale(torch.autograd.Function):
 
 class Dropout(nn.Dropout):
     """``nn.Dropout`` with the CPU mask drawn by numpy (see the module docstring); same ``p``, same state dict.
-
-    ``numpy_on_cpu = False`` (on an instance, or class-wide) falls back to torch's kernel: the config's
-    ``numpy_dropout: false`` (the authors' random stream) and benchmarks/step_census.py (a step as on a GPU).
-    """
-
-    numpy_on_cpu: bool = True  # a class default that an instance may override
+    ``use_numpy_dropout`` swaps it in for the ``nn.Dropout`` modules of a model (``numpy_dropout``)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.numpy_on_cpu and self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu"
+        if not (self.training and 0.0 < self.p < 1.0 and x.device.type == "cpu"
                 and not self.inplace) or torch.compiler.is_compiling():  # numpy cannot be traced
             return super().forward(x)
         keep = keep_mask(draw_seed(), 0, tuple(x.shape), self.p)
         return _KeepAndScale.apply(x, keep, 1.0 / (1.0 - self.p))
 
 
-def replace_dropouts(module: nn.Module) -> int:
-    """Swaps every ``nn.Dropout`` inside ``module`` (e.g. a transformers BERT) for :class:`Dropout` with the same
-    ``p``; returns how many were swapped."""
+def use_numpy_dropout(module: nn.Module, on: bool = True) -> int:
+    """Makes every ``nn.Dropout`` inside ``module`` (a transformers BERT's too) this :class:`Dropout` (``on``), or
+    every :class:`Dropout` an ``nn.Dropout`` again; the same modules, ``p`` and state dict. Returns how many changed."""
     swapped = 0
-    for parent in module.modules():
-        for name, child in parent.named_children():
-            if type(child) is nn.Dropout:
-                setattr(parent, name, Dropout(child.p))
-                swapped += 1
+    for child in module.modules():
+        if type(child) is (nn.Dropout if on else Dropout):
+            child.__class__ = Dropout if on else nn.Dropout
+            swapped += 1
     return swapped

@@ -15,10 +15,10 @@ accumulation group). ``ReusedCasts`` gathers them too (``gathered``): float32 vi
 their gradients added to one flat buffer, the same float32 sums.
 
 Weights that a layer reads as one tensor (``joined`` families: BERT's query, key and value weights, and their
-biases, for ``nn.fused_bert``) are cast side by side as one piece, which ``joined`` hands out within ``applied``:
+biases, for ``fast.fused_bert``) are cast side by side as one piece, which ``joined`` hands out within ``applied``:
 no concatenation at every forward pass, and no second copy of them kept for the backward pass.
 
-The trainer (``trainer.SpeedConfig.reuse_weight_casts``) keeps one ``ReusedCasts`` per epoch or evaluation only:
+The trainer (``SpeedConfig.reuse_weight_casts``) keeps one ``ReusedCasts`` per epoch or evaluation only:
 nothing outside its loop can change the weights while the copies are in use. (Parameter version counters cannot
 tell: a fused Adam step does not bump them.)
 """
@@ -65,6 +65,17 @@ def norm_slots(modules: list[nn.Module], *, largest: int = 2**20) -> list[Slot]:
                           if isinstance(m, GATHERED_KINDS) and getattr(m, "max_norm", None) is None)
     return [(m, kind) for m in kinds for kind in ("weight", "bias")
             if isinstance(getattr(m, kind, None), nn.Parameter) and getattr(m, kind).numel() <= largest]
+
+
+def low_precision_slots(model: nn.Module) -> list[Slot]:
+    """The weights and biases autocast casts in a forward pass of ``model``: those of every Linear."""
+    return linear_slots([model])
+
+
+def gathered_slots(model: nn.Module) -> list[Slot]:
+    """The float32 parameters whose gradients ``ReusedCasts`` accumulates in flat buffers with the Linear weights':
+    those of the LayerNorms, BatchNorms and small embeddings (``norm_slots``)."""
+    return norm_slots([model])
 
 
 @contextmanager

@@ -42,7 +42,7 @@ def unsupported(bert: nn.Module) -> str | None:
 
 def joined_slots(bert: transformers.BertModel) -> list[list[Slot]]:
     """Per layer, the query/key/value weights and their biases: the families ``bert_layer`` reads as one tensor
-    each (``nn.weight_casts.ReusedCasts`` casts each family side by side)."""
+    each (``weight_casts.ReusedCasts`` casts each family side by side)."""
     families = []
     for layer in bert.encoder.layer:
         projections = (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value)
