@@ -447,10 +447,7 @@ class EMTDLFRTrainer:
         self.progress = int(args.get("verbose_level", 1)) > 0
         self.speed = speed_config_from_args(args)
         how = " ('auto': bf16 where the device multiplies it natively)" if args.get("precision") == "auto" else ""
-        self.authors_training = args.get("authors_training", False)
-        if not isinstance(self.authors_training, bool):
-            raise ValueError(f"authors_training must be true or false, got {self.authors_training!r} "
-                             f"(config file {args.get('config_file', '?')})")
+        self.authors_training = settings.get(args, "authors_training")  # checked before the first batch
         if self.authors_training:  # docs/differences.md: the authors' training semantics
             if self.speed.precision != "fp32":
                 how = f" (authors_training: fp32 as the authors, not precision={args.get('precision')!r})"
