@@ -63,7 +63,7 @@ from .metrics import DATASET_METRICS
 from .missing import incomplete_view_file
 from .model import EMTDLFRConfig
 from .normalize import normalize_features, normalize_setting, normalized_file
-from .dlfr import LossWeights, TwoViewBatch
+from .dlfr import DLFR, LossWeights, TwoViewBatch, upgrade_state_dict
 from .registry import canonical_name, get_builder, list_models
 from .trainer import OptimConfig, build_optimizer, evaluate, fit
 
@@ -711,6 +711,7 @@ def load_weights(model: nn.Module, state: Any, source: str = "the state dict") -
     with the untouched random weights of every key it lacks."""
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict")
+    state = upgrade_state_dict(dict(state), "Model." if hasattr(model, "Model") else "")  # the earlier layout
     expected, given = set(nn.Module.state_dict(model)), set(state)
     missing, unexpected = expected - given, given - expected
     if missing or unexpected:
@@ -718,8 +719,9 @@ def load_weights(model: nn.Module, state: Any, source: str = "the state dict") -
                  f"{len(unexpected)} unexpected keys ({_few(unexpected)})" if unexpected else ""]
         hint = (" (its keys lack the 'Model.' prefix of MMSA's AMIO)"
                 if unexpected and {f"Model.{k}" for k in unexpected} >= missing else "")
-        raise CheckpointError(f"{source} does not fit this {type(getattr(model, 'Model', model)).__name__} "
-                              f"model: {' and '.join(p for p in parts if p)}{hint}; it was saved from another "
+        inner = getattr(model, "Model", model)
+        name = "EMT-DLFR" if isinstance(inner, DLFR) else type(inner).__name__
+        raise CheckpointError(f"{source} does not fit this {name} model: {' and '.join(p for p in parts if p)}{hint}; it was saved from another "
                               "model or configuration")
     try:
         return nn.Module.load_state_dict(model, state, strict=True)

@@ -21,9 +21,9 @@ from MMSA import MMSA_run
 from test_reference_parity import reference_to_ours
 
 import mmsa_emt.mmsa_compat as mmsa_compat
-from mmsa_emt import EMTDLFR, LossWeights, compute_loss
+from mmsa_emt import DLFR, LossWeights, compute_loss
 from mmsa_emt.mmsa_compat import model_config_from_args, optim_config_from_args
-from mmsa_emt.dlfr import TwoViewBatch
+from mmsa_emt.dlfr import TwoViewBatch, emt_dlfr
 from mmsa_emt.fast import config as fast_config
 from mmsa_emt.synthetic import write_tiny_bert
 from mmsa_emt.trainer import OptimConfig, SpeedConfig, build_optimizer, fit, train_one_epoch
@@ -33,7 +33,7 @@ LEARNING_RATES = OptimConfig(lr_bert=1e-3, lr_audio=2e-3, lr_vision=3e-3, lr_oth
                              wd_vision=0.3, wd_other=0.4)
 
 
-def authors_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: torch.optim.Optimizer,
+def authors_epoch(model: DLFR, batches: Iterable[TwoViewBatch], optimizer: torch.optim.Optimizer,
                   weights: LossWeights, update_epochs: int) -> None:
     """The authors' training loop for one epoch, restated over our ``compute_loss`` (the oracle)."""
     model.train()
@@ -51,10 +51,10 @@ def authors_epoch(model: EMTDLFR, batches: Iterable[TwoViewBatch], optimizer: to
         optimizer.step()
 
 
-def trained(tiny_config, epoch_fn) -> EMTDLFR:
+def trained(tiny_config, epoch_fn) -> DLFR:
     """A tiny model, with dropout on, after EPOCHS epochs of ``epoch_fn(model, batches, optimizer, epoch)``."""
     torch.manual_seed(0)
-    model = EMTDLFR(tiny_config(attn_dropout=0.2, ff_dropout=0.1, post_fusion_dropout=0.2))
+    model = emt_dlfr(tiny_config(attn_dropout=0.2, ff_dropout=0.1, post_fusion_dropout=0.2))
     optimizer = build_optimizer(model, LEARNING_RATES)
     batches = [random_batch(3, seed=i) for i in range(N_BATCHES)]
     for epoch in range(EPOCHS):
@@ -91,7 +91,7 @@ def count_steps(optimizer: torch.optim.Optimizer) -> list[int]:
 @pytest.mark.parametrize("sized", [True, False])
 @pytest.mark.parametrize("n_batches,update_every,steps", [(7, 3, 2), (6, 3, 2), (4, 1, 4), (3, 3, 1)])
 def test_drop_steps_only_full_groups_and_leaves_no_gradient(tiny_config, sized, n_batches, update_every, steps):
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     optimizer = build_optimizer(model, OptimConfig())
     calls = count_steps(optimizer)
     batches = [random_batch(3, seed=i) for i in range(n_batches)]
@@ -104,7 +104,7 @@ def test_drop_steps_only_full_groups_and_leaves_no_gradient(tiny_config, sized, 
 
 @pytest.mark.parametrize("sized", [True, False])
 def test_drop_with_fewer_batches_than_a_group_is_an_error_not_an_epoch_without_a_step(tiny_config, sized):
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     optimizer = build_optimizer(model, OptimConfig())
     calls = count_steps(optimizer)
     batches = [random_batch(3, seed=i) for i in range(2)]
@@ -115,7 +115,7 @@ def test_drop_with_fewer_batches_than_a_group_is_an_error_not_an_epoch_without_a
 
 
 def test_an_unknown_last_partial_group_is_refused_before_the_first_batch(tiny_config, tmp_path):
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     optimizer = build_optimizer(model, OptimConfig())
     never = iter(())
     with pytest.raises(ValueError, match="last_partial_group='skip' is not one of"):
@@ -125,7 +125,7 @@ def test_an_unknown_last_partial_group_is_refused_before_the_first_batch(tiny_co
 
 @pytest.mark.parametrize("choice,steps", [("drop", 2 * 2), ("step", 2 * 3)])
 def test_fit_passes_the_choice_to_every_epoch(tiny_config, tmp_path, choice, steps):
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     optimizer = build_optimizer(model, OptimConfig())
     calls = count_steps(optimizer)
     batches = [random_batch(3, seed=i) for i in range(7)]
@@ -170,7 +170,7 @@ def test_authors_training_must_be_a_boolean(workspace, tmp_path, value):
 
 
 def test_update_every_below_one_is_refused(tiny_config):
-    model = EMTDLFR(tiny_config())
+    model = emt_dlfr(tiny_config())
     with pytest.raises(ValueError, match="update_every=0"):
         train_one_epoch(model, [random_batch(3)], build_optimizer(model, OptimConfig()), LossWeights(),
                         update_every=0, progress=False)
@@ -262,7 +262,7 @@ def test_drop_trains_like_the_authors_trainer_class(authors_code, tmp_path):
 
     predictions = {}
     for choice in ("drop", "step"):
-        ours_model = EMTDLFR(model_config_from_args(args))
+        ours_model = emt_dlfr(model_config_from_args(args))
         ours_model.load_state_dict(start, strict=True)
         optimizer = build_optimizer(ours_model, optim_config_from_args(args))
         for _ in range(EPOCHS):

@@ -43,3 +43,18 @@ def test_upgrade_maps_only_the_earlier_layout(tiny_config):
     prefixed = {"Model." + k: v for k, v in legacy.items()} | {"other.weight": torch.zeros(1)}
     assert upgrade_state_dict(prefixed, "Model.").keys() == {"Model." + k for k in current} | {"other.weight"}
     model.load_state_dict(legacy)  # directly, without a prefix
+
+
+def test_load_weights_takes_a_checkpoint_of_the_earlier_layout(tiny_config):
+    """MMSA_run's reload and MMSA_test go through load_weights, which compares keys strictly: the earlier layout's
+    keys are mapped before the comparison, not refused as 'missing'."""
+    from mmsa_emt.mmsa_compat import load_weights
+
+    saved = torch.load(LEGACY)
+    wrapper = torch.nn.Module()
+    wrapper.Model = emt_dlfr(tiny_config()).eval()
+    load_weights(wrapper, saved["state_dict"], source=str(LEGACY))
+    batch = random_batch(3)
+    with torch.no_grad():
+        pred = wrapper.Model(batch.text, batch.audio, batch.vision, batch.audio_lengths, batch.vision_lengths)["M"]
+    torch.testing.assert_close(pred, saved["pred"], atol=1e-6, rtol=1e-5)

@@ -142,7 +142,7 @@ def test_checkpoint_of_another_model_is_refused(saved, tmp_path, workspace):
     tfn.update(feature_dims=[16, test["audio"].shape[2], test["vision"].shape[2]], use_bert=False)
     tfn_weights = tmp_path / "tfn-mosi.pth"
     torch.save(AMIO(tfn).state_dict(), tfn_weights)
-    with pytest.raises(CheckpointError, match=r"tfn-mosi\.pth does not fit this EMTDLFR model: \d+ missing keys"):
+    with pytest.raises(CheckpointError, match=r"tfn-mosi\.pth does not fit this EMT-DLFR model: \d+ missing keys"):
         mmsa_test(dict(args), str(tfn_weights), _write(tmp_path / "s.pkl", _sample(test, 0)), gpu_id=-1)
 
 
