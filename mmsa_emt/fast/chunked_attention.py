@@ -2,14 +2,13 @@
 
 PyTorch's CPU attention kernels do not take dropout, so with the paper's attention dropout (mosi: 0.3) every call
 falls back to the math path: it keeps the (b, h, i, j) probabilities, the dropout mask and the dropped
-probabilities for the backward pass, and draws one random number per score with torch's CPU generator. At MOSI's
-500 vision frames (batch 64 = both views of 32, 4 heads) one such call took 1.6-2.0 s forward+backward on 2 cores
-and keeps ~2.3 GB. Here the rows (b * h) are processed a few at a time, so each chunk's score matrices stay in
-cache (0.8 s for that call); only q, k, v, the key mask and the dropout masks packed to one bit per score (8 MB
-for that call) are kept, and the backward pass recomputes each chunk's probabilities and unpacks its mask. The
-masks come from numpy's PCG64, seeded from torch's generator, so ``torch.manual_seed`` still fixes a run; drawing
-them is most of this function's own cost (3 ms per 2^20 scores, against 0.05 ms to unpack them), which is why they
-are kept rather than drawn again. Same function as ``F.scaled_dot_product_attention(q, k, v,
+probabilities for the backward pass, and draws one random number per score with torch's CPU generator; at MOSI's
+500 vision frames that is gigabytes per call. Here the rows (b * h) are processed a few at a time, so each
+chunk's score matrices stay in cache; only q, k, v, the key mask and the dropout masks packed to one bit per score
+are kept, and the backward pass recomputes each chunk's probabilities and unpacks its mask (measurements:
+docs/speed.md, ``fused_attention``). The masks come from numpy's PCG64, seeded from torch's generator, so
+``torch.manual_seed`` still fixes a run; drawing them is most of this function's own cost, far more than
+unpacking them, which is why they are kept rather than drawn again. Same function as ``F.scaled_dot_product_attention(q, k, v,
 mask, dropout_p)``: each probability is kept with probability 1 - p and scaled by 1 / (1 - p); only the random
 stream differs.
 

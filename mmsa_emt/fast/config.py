@@ -194,8 +194,8 @@ def compile_model(model: nn.Module, *, backend: str | Callable = "inductor") -> 
 def _compiled_or_eager(forward: Callable, part: str, backend: str | Callable) -> Callable:
     """``forward`` through ``torch.compile``, traced with TorchDynamo's ``specialize_float`` on, only for itself.
 
-    If the compiler backend fails (Inductor with PyTorch 2.11 stopped in its partitioner on the shipped CUDA config:
-    benchmarks/results/h200-2026-11-28), the part runs eagerly from then on and a warning names it and the error:
+    If the compiler backend fails (Inductor with PyTorch 2.11 stopped in its partitioner on the shipped CUDA config,
+    see docs/speed.md), the part runs eagerly from then on and a warning names it and the error:
     the same numbers without the speed-up, not a run lost minutes in. Only that exception is caught; errors of the
     model itself propagate as they would eagerly."""
     compiled = torch.compile(forward, dynamic=True, backend=backend)

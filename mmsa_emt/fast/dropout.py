@@ -1,8 +1,7 @@
 """Dropout whose CPU mask comes from numpy's PCG64 generator instead of torch's CPU generator.
 
-On 2 CPU cores torch's ``bernoulli_`` took 9.6 ns per element: BERT-base's 25 hidden dropouts at the MOSI text
-shape (64 x 25 x 768) cost 12 ms each, ~9 % of a training step; numpy's PCG64 draws the same mask in a quarter
-of the time. The seed is drawn from torch's generator, so ``torch.manual_seed`` still fixes a run and
+On the CPU torch's ``bernoulli_`` is slow enough that BERT-base's hidden dropouts are a visible share of a
+training step; numpy's PCG64 draws the same mask in a fraction of the time (docs/speed.md, ``numpy_dropout``). The seed is drawn from torch's generator, so ``torch.manual_seed`` still fixes a run and
 ``torch.utils.checkpoint`` (which restores torch's generator before recomputing) replays the same mask. Same
 function as ``nn.Dropout``: each element is kept with probability 1 - p and scaled by 1 / (1 - p); only the
 random stream differs. Only a boolean mask (1 byte per element) is kept for the backward pass. Elsewhere than on

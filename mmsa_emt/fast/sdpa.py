@@ -11,10 +11,9 @@ from torch.nn.attention import SDPBackend
 def fused_backends(device: torch.device) -> list[SDPBackend]:
     """The attention kernels PyTorch may pick here: those enabled, less cuDNN's on CUDA (the same function).
 
-    In an H100 profile (bf16, mosi shape) each cuDNN attention call took ~175 us of host time against ~50 us for the
-    memory-efficient kernel, and leaving it out cut the warm-up of trimmed batches (new shapes) from 33 s to 16 s.
-    In an H200 profile BERT's cuDNN attention forward took 91 us of host time per call against 28 us for the
-    memory-efficient one in the fusion; cuDNN also builds a plan for every new sequence length.
+    In H100 and H200 profiles each cuDNN attention call took several times the host time of the memory-efficient
+    kernel, and cuDNN builds a plan for every new sequence length, which trimmed batches keep producing (the
+    numbers: docs/speed.md, ``fused_attention``).
 
     A compiled model keeps the choice it traced with: backend flags changed afterwards reach it on recompilation.
     """

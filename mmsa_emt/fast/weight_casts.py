@@ -81,8 +81,8 @@ def gathered_slots(model: nn.Module) -> list[Slot]:
 @contextmanager
 def substituted(slots: list[Slot], tensors: list[Tensor]) -> Iterator[None]:
     """Within the block, each module's parameter ``attr`` reads as the given tensor; restored after, whatever
-    happens. (torch.func.functional_call does the same but walks the whole module on every call: +4 ms of Python
-    per BERT forward on this CPU, on a path whose point is to save host time.)"""
+    happens. (torch.func.functional_call does the same but walks the whole module on every call, adding Python
+    time to every BERT forward on a path whose point is to save host time.)"""
     saved = [(module, attr, module._parameters[attr]) for module, attr in slots]
     try:
         for (module, attr), tensor in zip(slots, tensors):
@@ -186,7 +186,7 @@ class ReusedCasts:
     The trainable copies' gradients reach the parameters' ``.grad`` through ``FlatGradients`` (in
     ``loss.backward()``; ``torch.autograd.grad`` would not see them), until ``refresh``. A group's gradients are
     concatenated once all of them are computed, so its bf16 gradients wait until then: groups of a layer's size
-    keep that transient small (one group for a whole bert-base model raised the CPU's peak RSS by 0.4 GiB).
+    keep that transient small (one group for a whole bert-base model raised the peak memory measurably).
     Without autocast, or without slots, ``applied`` changes nothing.
     """
 
