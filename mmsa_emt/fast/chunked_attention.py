@@ -1,18 +1,18 @@
 """Attention with dropout on the CPU, computed in chunks and recomputed in the backward pass.
 
 PyTorch's CPU attention kernels do not take dropout, so with the paper's attention dropout (mosi: 0.3) every call
-falls back to the math path: it keeps the (b, h, i, j) probabilities, the dropout mask and the dropped
-probabilities for the backward pass, and draws one random number per score with torch's CPU generator; at MOSI's
-500 vision frames that is gigabytes per call. Here the rows (b * h) are processed a few at a time, so each
-chunk's score matrices stay in cache; only q, k, v, the key mask and the dropout masks packed to one bit per score
-are kept, and the backward pass recomputes each chunk's probabilities and unpacks its mask (measurements:
-docs/speed.md, ``fused_attention``). The masks come from numpy's PCG64, seeded from torch's generator, so
-``torch.manual_seed`` still fixes a run; drawing them is most of this function's own cost, far more than
-unpacking them, which is why they are kept rather than drawn again. Same function as ``F.scaled_dot_product_attention(q, k, v,
-mask, dropout_p)``: each probability is kept with probability 1 - p and scaled by 1 / (1 - p); only the random
-stream differs.
+falls back to the math path: it keeps the (b, h, i, j) probabilities, the dropout mask and the dropped probabilities
+for the backward pass, and draws one random number per score with torch's CPU generator; at MOSI's 500 vision frames
+that is gigabytes per call. Here the rows (b * h) are processed a few at a time, so each chunk's score matrices stay
+in cache; only q, k, v, the key mask and the dropout masks packed to one bit per score are kept, and the backward
+pass recomputes each chunk's probabilities and unpacks its mask (measurements: docs/speed.md, ``fused_attention``).
+The masks come from numpy's PCG64, seeded from torch's generator, so ``torch.manual_seed`` still fixes a run;
+drawing them is most of this function's own cost, far more than unpacking them, which is why they are kept rather
+than drawn again. Same function as ``F.scaled_dot_product_attention(q, k, v, mask, dropout_p)``: each probability is
+kept with probability 1 - p and scaled by 1 / (1 - p); only the random stream differs.
 
 Shape legend: n = b * h rows, i queries, j keys, e head width.
+
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Dropout whose CPU mask comes from numpy's PCG64 generator instead of torch's CPU generator.
 
-On the CPU torch's ``bernoulli_`` is slow enough that BERT-base's hidden dropouts are a visible share of a
-training step; numpy's PCG64 draws the same mask in a fraction of the time (docs/speed.md, ``numpy_dropout``). The seed is drawn from torch's generator, so ``torch.manual_seed`` still fixes a run and
-``torch.utils.checkpoint`` (which restores torch's generator before recomputing) replays the same mask. Same
-function as ``nn.Dropout``: each element is kept with probability 1 - p and scaled by 1 / (1 - p); only the
-random stream differs. Only a boolean mask (1 byte per element) is kept for the backward pass. Elsewhere than on
-the CPU, in eval mode and inside ``torch.compile``, this is ``nn.Dropout``.
+On the CPU torch's ``bernoulli_`` is slow enough that BERT-base's hidden dropouts are a visible share of a training
+step; numpy's PCG64 draws the same mask in a fraction of the time (docs/speed.md, ``numpy_dropout``). The seed is
+drawn from torch's generator, so ``torch.manual_seed`` still fixes a run and ``torch.utils.checkpoint`` (which
+restores torch's generator before recomputing) replays the same mask. Same function as ``nn.Dropout``: each element
+is kept with probability 1 - p and scaled by 1 / (1 - p); only the random stream differs. Only a boolean mask (1
+byte per element) is kept for the backward pass. Elsewhere than on the CPU, in eval mode and inside
+``torch.compile``, this is ``nn.Dropout``.
 """
 
 from __future__ import annotations
