@@ -12,7 +12,6 @@ than drawn again. Same function as ``F.scaled_dot_product_attention(q, k, v, mas
 kept with probability 1 - p and scaled by 1 / (1 - p); only the random stream differs.
 
 Shape legend: n = b * h rows, i queries, j keys, e head width.
-
 """
 
 from __future__ import annotations
