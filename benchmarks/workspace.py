@@ -39,13 +39,13 @@ def bert_base(folder: Path) -> str:
 def write_workspace(folder: Path, *, encoder: str, dataset: str = "mosi", data: dict[str, Any] | None = None,
                     common: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> Path:
     """Writes ``folder/dataset/<MMSA's feature path>`` (``synthetic.write_dataset(dataset, **data)``, tokenized
-    with ``encoder``'s vocabulary) and ``folder/config.json``: the repository's regression config with the
-    EMT-DLFR entry updated by ``common`` (commonParams) and ``model`` (datasetParams[dataset]); returns the
-    config's path."""
-    from mmsa_emt.demo import DEFAULT_CONFIG  # here, not at the top: resolve_device's users start in 2 s, not 8
+    with ``encoder``'s vocabulary) and ``folder/config.json``: the package's regression config (merged into
+    MMSA's) with the EMT-DLFR entry updated by ``common`` (commonParams) and ``model`` (datasetParams[dataset]);
+    returns the config's path."""
+    from mmsa_emt.configs import merged_config  # here, not at the top: resolve_device's users start in 2 s, not 8
     from mmsa_emt.synthetic import write_dataset
 
-    config = json.loads(DEFAULT_CONFIG.read_text(encoding="utf-8"))
+    config = merged_config()
     config["datasetCommonParams"]["dataset_root_dir"] = "dataset"  # relative to the config file
     feature_file = folder / "dataset" / config["datasetCommonParams"][dataset]["unaligned"]["featurePath"]
     if not feature_file.exists():

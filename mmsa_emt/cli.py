@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from .demo import DEFAULT_CONFIG
-
 BERT_BASE_VOCAB = {"bert-base-uncased": 30522, "bert-base-chinese": 21128}
 FEATURE_DIMS = {"mosi": [768, 5, 20], "mosei": [768, 74, 35], "sims": [768, 33, 709]}  # MMSA's feature files
 
@@ -65,13 +63,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     avec.add_argument("--frames", type=int, default=500, help="audio/vision windows per interview")
     avec.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     params = commands.add_parser("params", help="print EMT-DLFR's parameter count per part for each dataset")
-    params.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
+    params.add_argument("--config", default="", help="config file (default: the package's, merged into MMSA's)")
     params.add_argument("--datasets", nargs="+", default=["mosi", "mosei", "sims"])
 
     robust = commands.add_parser("robustness", help="missing-rate sweep: results CSV, AUILC tables, curves (PNG)")
     robust.add_argument("--model", nargs="+", default=["EMT-DLFR"], help="EMT-DLFR and/or MMSA model names")
     robust.add_argument("--dataset", required=True, help="mosi, mosei, sims or another dataset of the config")
-    robust.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file (default: %(default)s)")
+    robust.add_argument("--config", default="", help="config file (default: the package's, merged into MMSA's)")
     robust.add_argument("--rates", nargs="+", type=float,
                         help="missing rates, the same for every modality (default: 0.0..1.0 by 0.1; SIMS 0.0..0.5)")
     robust.add_argument("--modality-rates", nargs=3, type=float, action="append", metavar=("T", "A", "V"),
@@ -94,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     norm.add_argument("--modalities", nargs="+", choices=["audio", "vision"], default=["audio", "vision"],
                       help="modalities to normalize (default: audio vision)")
     norm.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    configs = commands.add_parser("write-configs", help="write the complete config_regression.json and "
+                                  "config_tune.json (MMSA's entries and ours) to edit")
+    configs.add_argument("--out", default="config", help="output folder (default: %(default)s)")
+    configs.add_argument("--dataset-root", default="../dataset",
+                         help="their dataset_root_dir, relative to the config file (default: %(default)s)")
+    configs.add_argument("--overwrite", action="store_true", help="replace files there with other content")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -123,9 +127,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                            seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate)
         except ValueError as error:
             robust.error(str(error))
-        sweep(args.model, args.dataset, args.config, rates=args.rates, modality_rates=args.modality_rates,
+        from .configs import merged_config_file
+
+        config = args.config or merged_config_file()
+        sweep(args.model, args.dataset, config, rates=args.rates, modality_rates=args.modality_rates,
               seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate, out_dir=args.out,
               gpu_ids=args.gpu_ids, num_workers=args.num_workers, overrides=parse_overrides(args.set))
+    elif args.command == "write-configs":
+        from .configs import write_configs
+
+        try:
+            written = write_configs(args.out, dataset_root_dir=args.dataset_root, overwrite=args.overwrite)
+        except FileExistsError as exc:
+            raise SystemExit(f"write-configs: {exc}") from exc
+        print("\n".join(f"{path}: {state}" for path, state in written.items()))
     elif args.command == "normalize-features":
         from .data_check import FeatureFileError
         from .normalize import normalize_file

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "config_regression.json"
+DEFAULT_CONFIG = None  # the package's entries merged into the installed MMSA's config (mmsa_emt.configs)
 FEATURE_FILE = "MOSI/Processed/unaligned_50.pkl"
 
 
@@ -54,16 +54,22 @@ class DemoSettings:
     max_epochs: int = 8
     early_stop: int = 3
     finetune: bool = False
-    config_file: Path = DEFAULT_CONFIG
+    config_file: Path | None = DEFAULT_CONFIG
     gpu_ids: Sequence[int] = ()
 
 
 def write_demo_config(settings: DemoSettings, encoder: str) -> Path:
-    """The repository's config with the demo's data folder, encoder and CPU-sized training."""
-    if not settings.config_file.is_file():
-        raise FileNotFoundError(f"{settings.config_file} not found: run the demo from a clone of the repository "
-                                "installed with 'pip install -e .', or pass --config")
-    config = json.loads(settings.config_file.read_text(encoding="utf-8"))
+    """The config (``settings.config_file``, else the package's merged one) with the demo's data folder, encoder
+    and CPU-sized training."""
+    if settings.config_file is None:
+        from .configs import merged_config
+
+        config = merged_config()
+    elif not Path(settings.config_file).is_file():
+        raise FileNotFoundError(f"demo config {settings.config_file} not found: leave DemoSettings.config_file "
+                                "unset to use the package's config")
+    else:
+        config = json.loads(Path(settings.config_file).read_text(encoding="utf-8"))
     config["datasetCommonParams"]["dataset_root_dir"] = "dataset"  # relative to the demo config's folder
     entry = config["emt-dlfr"]
     entry["commonParams"].update(max_epochs=settings.max_epochs, early_stop=settings.early_stop, update_epochs=1,

@@ -56,7 +56,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
 from . import dlfr as _dlfr  # noqa: F401  (registers the models)
-from . import fast, settings
+from . import configs, fast, settings
 from .data_check import FeatureReport, check_feature_file, load_feature_file, zero_nonfinite
 from .fast import SpeedConfig
 from .metrics import DATASET_METRICS
@@ -77,7 +77,8 @@ SIMS_LABEL_KEYS = ("regression_labels_T", "regression_labels_A", "regression_lab
 
 # ----------------------------------------------------------------------------------------------- configs
 def _mmsa_default_config(tune: bool) -> Path:
-    return Path(MMSA.__file__).parent / "config" / ("config_tune.json" if tune else "config_regression.json")
+    """The config read when none is given: the installed MMSA's, with mmsa-emt's entries merged in (``configs``)."""
+    return configs.merged_config_file(tune)
 
 
 def load_config(model_name: str, dataset_name: str, config_file: str | os.PathLike = "", *,
@@ -92,8 +93,9 @@ def load_config(model_name: str, dataset_name: str, config_file: str | os.PathLi
     dataset = dataset_name.lower()
     models = sorted(k for k in raw if k != "datasetCommonParams")
     if name not in raw:
-        hint = (f" ({name} is an mmsa-emt model: pass config_file='config/config_regression.json' or "
-                "'config/config_tune.json' from the mmsa-emt repository)") if canonical_name(name) else ""
+        hint = (f" ({name} is an mmsa-emt model: give no config_file to read mmsa-emt's entries merged into "
+                "MMSA's config, or write a complete one to edit with 'python -m mmsa_emt write-configs')"
+                ) if canonical_name(name) else ""
         raise KeyError(f"model '{model_name}' has no entry in {path}; it has: {', '.join(models)}{hint}")
     datasets = raw.get("datasetCommonParams", {})
     if dataset not in datasets:
@@ -120,7 +122,9 @@ def load_config(model_name: str, dataset_name: str, config_file: str | os.PathLi
     args["featurePath"] = str(feature_path)
     args["config_file"] = str(path)
     args["feature_hint"] = (f"built from datasetCommonParams.dataset_root_dir='{root}' + "
-                            f"datasetCommonParams.{dataset}.{layout}.featurePath='{relative}' in {path}")
+                            f"datasetCommonParams.{dataset}.{layout}.featurePath='{relative}' in {path}"
+                           + ("" if str(config_file) else ", MMSA's config with mmsa-emt's entries merged in: for "
+                              "your data folder pass a config written by 'python -m mmsa_emt write-configs'"))
     return args
 
 
@@ -138,11 +142,13 @@ def _check_entry_keys(entry: Mapping[str, Any], name: str, dataset: str, path: P
 
 
 def _config_regression(model_name: str, dataset_name: str, config_file: str = "") -> EasyDict:
-    return load_config(model_name, dataset_name, config_file)
+    """MMSA_run's reader; MMSA's own default (what it passes when given no file) reads the merged config."""
+    return load_config(model_name, dataset_name, "" if configs.is_mmsa_default(config_file) else config_file)
 
 
 def _config_tune(model_name: str, dataset_name: str, config_file: str = "", random_choice: bool = True) -> EasyDict:
-    return load_config(model_name, dataset_name, config_file, tune=True)
+    return load_config(model_name, dataset_name, "" if configs.is_mmsa_default(config_file, True) else config_file,
+                       tune=True)
 
 
 def _is_ours(args: Mapping[str, Any]) -> bool:

@@ -3,7 +3,9 @@
 import json
 import pickle
 import shutil
+from pathlib import Path
 
+import MMSA
 import numpy as np
 import pytest
 from conftest import FEATURE_FILES, run_dirs
@@ -103,8 +105,9 @@ def test_unknown_names_list_the_known_ones(workspace):
         load_config("EMT-DLFR", "iemocap", config)
     with pytest.raises(KeyError, match="model 'nonet'.*emt-dlfr"):
         load_config("nonet", "mosi", config)
-    with pytest.raises(KeyError, match="config_file='config/config_regression.json'"):
-        load_config("EMT-DLFR", "mosi")  # MMSA's own default config has no entry for it
+    mmsa_own = Path(MMSA.__file__).parent / "config" / "config_regression.json"
+    with pytest.raises(KeyError, match="give no config_file.*python -m mmsa_emt write-configs"):
+        load_config("EMT-DLFR", "mosi", mmsa_own)  # MMSA's own config has no entry for it
 
 
 def test_a_feature_file_that_does_not_unpickle_is_named_and_the_config_is_not_blamed(workspace, tmp_path):
