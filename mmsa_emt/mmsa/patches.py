@@ -97,7 +97,7 @@ class Patch:
 
 _TORCH = _Delegate(torch, cuda=_Delegate(torch.cuda, set_device=_set_device_if_cuda), load=_load_checkpoint)
 _PANDAS = _Delegate(pd, read_csv=_mmsa_read_csv, DataFrame=_mmsa_data_frame)
-_SCHEDULER = ("replaced by a scheduler that accepts the `verbose=True` this trainer passes and torch 2.13 refuses",
+_SCHEDULER = ("a scheduler that accepts the `verbose=True` this trainer passes and torch 2.13 refuses",
               "test_torch_refuses_the_verbose_mmsa_passes")
 
 
