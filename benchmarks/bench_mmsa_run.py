@@ -55,7 +55,7 @@ def phase_timers(device: str) -> Iterator[collections.Counter]:
     import MMSA.run as mmsa_run
     import torch
 
-    import mmsa_emt.mmsa_compat as compat
+    import mmsa_emt.mmsa.trainer as adapter
     import mmsa_emt.trainer as trainer
 
     spent: collections.Counter = collections.Counter()
@@ -83,7 +83,7 @@ def phase_timers(device: str) -> Iterator[collections.Counter]:
 
     targets = [(mmsa_run, "MMDataLoader", "data"), (mmsa_run, "AMIO", "model"),
                (trainer, "train_one_epoch", "train epoch"), (trainer, "evaluate", evaluation),
-               (compat, "evaluate", evaluation), (trainer.BestCheckpoint, "save", "checkpoint"),
+               (adapter, "evaluate", evaluation), (trainer.BestCheckpoint, "save", "checkpoint"),
                (trainer.BestCheckpoint, "wait", "checkpoint"), (trainer.BestCheckpoint, "load_into", "checkpoint"),
                (torch, "load", "checkpoint"), (mmsa_run.time, "sleep", "MMSA's pause")]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in targets]

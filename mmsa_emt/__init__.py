@@ -4,7 +4,8 @@
 """
 
 from .dlfr import DLFR, LossWeights, TwoViewBatch, compute_loss
-from .mmsa_compat import load_config, register
+from .mmsa.config import load_config
+from .mmsa.patches import register
 from .model import EMTDLFR, EMTDLFRConfig
 from .registry import list_models
 from .trainer import flush_denormals

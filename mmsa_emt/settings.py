@@ -1,5 +1,7 @@
-"""Every setting EMT-DLFR reads from MMSA's args, in one table: type, default (written here once), allowed range,
-meaning; and the check of MMSA's args that runs before any data is read or any model is built.
+"""Every setting EMT-DLFR reads from MMSA's args, in one table: type, default, allowed range, meaning; and the check
+of MMSA's args that runs before any data is read or any model is built. A setting that fills a field of a config
+dataclass (``EMTDLFRConfig``, ``OptimConfig``, ``LossWeights``, ``SpeedConfig``, ``TrainingConfig``; the mapping
+is ``mmsa_emt.mmsa.config.ARGS_FIELDS``) takes its default from that field, so each default is written once.
 
 MMSA hands every model one flat dict of settings (its "args"), merged from the config file's
 ``datasetCommonParams``, the model's ``commonParams`` and ``datasetParams`` entries, ``MMSA_run``'s ``config=``
@@ -19,7 +21,7 @@ import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,11 @@ import torch
 from MMSA.utils import MetricsTop
 from MMSA.utils import assign_gpu as _mmsa_assign_gpu
 
-from .metrics import DATASET_METRICS
-from .nn.emt import POOL_ACTIVATIONS
 from .dlfr import RECON_LOSSES
 from .fast.config import PRECISIONS, PRESETS, REMOVED, SpeedConfig
+from .metrics import DATASET_METRICS
+from .mmsa.run_config import EMTDLFRConfig, LossWeights, TrainingConfig
+from .nn.emt import POOL_ACTIVATIONS
 
 MODALITY_NAMES = ("text", "audio", "vision")  # the order of missing_rate, missing_seed, feature_dims and seq_lens
 LOSS_KEYS = ("Loss", "Loss(pred_m)")  # validation results of EMT-DLFR's trainer besides the dataset's metrics
@@ -297,7 +300,14 @@ class Setting:
 
 
 # ----------------------------------------------------------------------------------------------- the table
-_SPEED_DEFAULTS = {f.name: f.default for f in fields(SpeedConfig)}
+def _defaults(config: type) -> dict[str, Any]:
+    """The field defaults of a config dataclass, by field name: the table takes each default from the field that
+    owns it, so that it is written once (a field without a default is absent)."""
+    return {f.name: f.default for f in fields(config) if f.default is not MISSING}
+
+
+_SPEED_DEFAULTS = _defaults(SpeedConfig)
+_NET, _LOSS_DEFAULTS, _TRAIN_DEFAULTS = _defaults(EMTDLFRConfig), _defaults(LossWeights), _defaults(TrainingConfig)
 _MODEL, _OPTIM, _LOSS, _TRAIN, _MISSING, _SPEED = ("model", "optimizer", "loss", "training", "missing data",
                                                     "speed and memory")
 _DATA, _RUN = "data (datasetCommonParams, MMSA's keys)", "set by MMSA_run and the runners (not for the config file)"
@@ -315,13 +325,15 @@ def _table(*settings: Setting) -> dict[str, Setting]:
 SETTINGS: dict[str, Setting] = _table(
     # --- model (EMTDLFRConfig)
     Setting("pretrained", Text(), REQUIRED, "text encoder: a Hugging Face hub name or a local BERT folder", _MODEL),
-    Setting("use_finetune", Bool(), True, "fine-tune the text encoder (false: frozen)", _MODEL),
+    Setting("use_finetune", Bool(), _NET["finetune_bert"], "fine-tune the text encoder (false: frozen)", _MODEL),
     Setting("a_lstm_hidden_size", _POSITIVE, REQUIRED, "hidden width of the audio LSTM", _MODEL),
     Setting("v_lstm_hidden_size", _POSITIVE, REQUIRED, "hidden width of the vision LSTM", _MODEL),
-    Setting("a_lstm_layers", _POSITIVE, 1, "layers of the audio LSTM", _MODEL),
-    Setting("v_lstm_layers", _POSITIVE, 1, "layers of the vision LSTM", _MODEL),
-    Setting("a_lstm_dropout", _DROPOUT, 0.0, "dropout between audio LSTM layers", _MODEL),
-    Setting("v_lstm_dropout", _DROPOUT, 0.0, "dropout between vision LSTM layers", _MODEL),
+    Setting("a_lstm_layers", _POSITIVE, _NET["audio_lstm_layers"], "layers of the audio LSTM", _MODEL),
+    Setting("v_lstm_layers", _POSITIVE, _NET["vision_lstm_layers"], "layers of the vision LSTM", _MODEL),
+    Setting("a_lstm_dropout", _DROPOUT, _NET["audio_lstm_dropout"], "dropout between audio LSTM layers",
+            _MODEL),
+    Setting("v_lstm_dropout", _DROPOUT, _NET["vision_lstm_dropout"], "dropout between vision LSTM layers",
+            _MODEL),
     Setting("audio_out", _POSITIVE, REQUIRED, "width of the audio utterance vector h_a", _MODEL),
     Setting("video_out", _POSITIVE, REQUIRED, "width of the vision utterance vector h_v", _MODEL),
     Setting("text_out", _POSITIVE, 768, "width of h_l in MMSA's configs; EMT-DLFR takes the loaded encoder's "
@@ -329,17 +341,20 @@ SETTINGS: dict[str, Setting] = _table(
     Setting("d_model", _POSITIVE, REQUIRED, "width of the EMT fusion (Eq. 4); must be divisible by heads", _MODEL),
     Setting("fusion_layers", _POSITIVE, REQUIRED, "EMT layers", _MODEL),
     Setting("heads", _POSITIVE, REQUIRED, "attention heads of the EMT", _MODEL),
-    Setting("ff_expansion", _POSITIVE, 4, "feed-forward width of the EMT as a multiple of d_model", _MODEL),
-    Setting("emb_dropout", _DROPOUT, 0.0, "dropout after the positional embedding", _MODEL),
+    Setting("ff_expansion", _POSITIVE, _NET["ff_expansion"], "feed-forward width of the EMT as a multiple of "
+            "d_model", _MODEL),
+    Setting("emb_dropout", _DROPOUT, _NET["emb_dropout"], "dropout after the positional embedding", _MODEL),
     Setting("attn_dropout", _DROPOUT, REQUIRED, "dropout of the attention weights", _MODEL),
     Setting("ff_dropout", _DROPOUT, REQUIRED, "dropout in the EMT's feed-forward blocks", _MODEL),
-    Setting("learnable_pos_emb", Bool(), False, "learned positional embedding (false: sinusoidal)", _MODEL),
-    Setting("max_seq_len", _POSITIVE, 1024, "longest sequence the positional embedding covers", _MODEL),
+    Setting("learnable_pos_emb", Bool(), _NET["learnable_pos_emb"], "learned positional embedding (false: "
+            "sinusoidal)", _MODEL),
+    Setting("max_seq_len", _POSITIVE, _NET["max_seq_len"], "longest sequence the positional embedding covers", _MODEL),
     Setting("mpu_share", Bool(), REQUIRED, "one set of weights for both directions of a mutual promotion unit "
             "(local <- global, global <- local)", _MODEL),
     Setting("modality_share", Bool(), REQUIRED, "one promotion unit for all modalities", _MODEL),
     Setting("layer_share", Bool(), REQUIRED, "one promotion unit for all EMT layers", _MODEL),
-    Setting("attn_act_fn", Choice(tuple(POOL_ACTIVATIONS)), "tanh", "activation of the attention pooling", _MODEL),
+    Setting("attn_act_fn", Choice(tuple(POOL_ACTIVATIONS)), _NET["pool_activation"], "activation of the attention "
+            "pooling", _MODEL),
     Setting("post_fusion_dim", _POSITIVE, REQUIRED, "width of the prediction head (Eq. 10)", _MODEL),
     Setting("post_fusion_dropout", _DROPOUT, REQUIRED, "dropout before the prediction head", _MODEL),
     Setting("gmc_tokens_pred_dim", _POSITIVE, REQUIRED, "hidden width of the global-context predictor (DLFR, "
@@ -347,7 +362,7 @@ SETTINGS: dict[str, Setting] = _table(
     Setting("text_pred_dim", _POSITIVE, REQUIRED, "hidden width of the text utterance predictor", _MODEL),
     Setting("audio_pred_dim", _POSITIVE, REQUIRED, "hidden width of the audio utterance predictor", _MODEL),
     Setting("video_pred_dim", _POSITIVE, REQUIRED, "hidden width of the vision utterance predictor", _MODEL),
-    Setting("modalities", Modalities(), list(MODALITY_NAMES), "modalities the model uses (the others are "
+    Setting("modalities", Modalities(), list(_NET["modalities"]), "modalities the model uses (the others are "
             "ignored)", _MODEL),
     # --- optimizer (OptimConfig)
     *(Setting(f"learning_rate_{part}", Float(0.0, low_open=True), REQUIRED, f"Adam learning rate of {what}",
@@ -357,24 +372,31 @@ SETTINGS: dict[str, Setting] = _table(
       for part, what in (("bert", "the text encoder (not its biases and LayerNorms)"), ("audio", "the audio LSTM"),
                          ("video", "the vision LSTM"), ("other", "everything else"))),
     # --- loss (LossWeights)
-    Setting("loss_attra_weight", Float(0.0), 1.0, "weight of the attraction loss (Eq. 13)", _LOSS),
-    Setting("loss_recon_weight", Float(0.0), 1.0, "weight of the reconstruction loss (Eq. 11)", _LOSS),
-    Setting("recon_loss", Choice(tuple(RECON_LOSSES)), "SmoothL1Loss", "loss of the low-level reconstruction",
-            _LOSS),
+    Setting("loss_attra_weight", Float(0.0), _LOSS_DEFAULTS["attraction"], "weight of the attraction loss "
+            "(Eq. 13)", _LOSS),
+    Setting("loss_recon_weight", Float(0.0), _LOSS_DEFAULTS["reconstruction"], "weight of the reconstruction "
+            "loss (Eq. 11)", _LOSS),
+    Setting("recon_loss", Choice(tuple(RECON_LOSSES)), _LOSS_DEFAULTS["recon_kind"], "loss of the low-level "
+            "reconstruction", _LOSS),
     # --- training
     Setting("batch_size", _POSITIVE, REQUIRED, "samples per batch", _TRAIN),
-    Setting("KeyEval", Text("a validation result of the dataset, see meaning"), "Loss", "validation result "
+    Setting("KeyEval", Text("a validation result of the dataset, see meaning"),
+            _TRAIN_DEFAULTS["key_eval"], "validation result "
             "that picks the best epoch: one of the dataset's metrics (MOSI/MOSEI: Has0_acc_2, Has0_F1_score, "
             "Non0_acc_2, Non0_F1_score, Mult_acc_5, Mult_acc_7, MAE, Corr; SIMS: Mult_acc_2, Mult_acc_3, "
             "Mult_acc_5, F1_score, MAE, Corr; AVEC2019: CCC, MAE, RMSE, "
             "Pearson) or Loss, Loss(pred_m); Loss, Loss(pred_m), MAE and RMSE are minimised, the others maximised",
             _TRAIN),
-    Setting("early_stop", _POSITIVE, 8, "epochs without improvement of KeyEval before training stops", _TRAIN),
-    Setting("max_epochs", _POSITIVE, None, "most epochs (null: until early_stop)", _TRAIN, nullable=True),
-    Setting("update_epochs", _POSITIVE, 1, "batches whose gradients are accumulated per optimizer step", _TRAIN),
-    Setting("authors_training", Bool(), False, "reproduce the authors' training semantics: float32 and the last "
-            "partial accumulation group of an epoch dropped", _TRAIN),
-    Setting("verbose_level", Int(0, 2), 1, "0: errors only, 1: progress and results, 2: debug", _TRAIN),
+    Setting("early_stop", _POSITIVE, _TRAIN_DEFAULTS["early_stop"], "epochs without improvement of KeyEval before "
+            "training stops", _TRAIN),
+    Setting("max_epochs", _POSITIVE, _TRAIN_DEFAULTS["max_epochs"], "most epochs (null: until early_stop)", _TRAIN,
+            nullable=True),
+    Setting("update_epochs", _POSITIVE, _TRAIN_DEFAULTS["update_epochs"], "batches whose gradients are accumulated "
+            "per optimizer step", _TRAIN),
+    Setting("authors_training", Bool(), _TRAIN_DEFAULTS["authors_training"], "reproduce the authors' training "
+            "semantics: float32 and the last partial accumulation group of an epoch dropped", _TRAIN),
+    Setting("verbose_level", Int(0, 2), _TRAIN_DEFAULTS["verbose_level"], "0: errors only, 1: progress and "
+            "results, 2: debug", _TRAIN),
     # --- missing data
     Setting("data_missing", Choice((True,)), True, "MMSA's incomplete view; EMT-DLFR always needs it (set "
             "missing_rate to 0 for none)", _MISSING),

@@ -20,11 +20,11 @@ from easydict import EasyDict
 from MMSA import MMSA_run
 from test_reference_parity import reference_to_ours
 
-import mmsa_emt.mmsa_compat as mmsa_compat
+import mmsa_emt.mmsa.trainer as mmsa_trainer
 from mmsa_emt import DLFR, LossWeights, compute_loss
-from mmsa_emt.mmsa_compat import model_config_from_args, optim_config_from_args
 from mmsa_emt.dlfr import TwoViewBatch, emt_dlfr
 from mmsa_emt.fast import config as fast_config
+from mmsa_emt.mmsa.config import model_config_from_args, optim_config_from_args
 from mmsa_emt.synthetic import write_tiny_bert
 from mmsa_emt.trainer import OptimConfig, SpeedConfig, build_optimizer, fit, train_one_epoch
 
@@ -150,7 +150,7 @@ def test_authors_training_reaches_the_trainer_from_the_config(workspace, tmp_pat
         seen.update(kwargs)
         raise _Stop
 
-    monkeypatch.setattr(mmsa_compat, "fit", recorder)
+    monkeypatch.setattr(mmsa_trainer, "fit", recorder)
     monkeypatch.setattr(fast_config, "auto_precision", lambda device: "bf16")  # as on a GPU or an AMX CPU
     config = workspace(common={"authors_training": authors_training, "precision": precision})
     with caplog.at_level("INFO", logger="MMSA"), pytest.raises(_Stop):

@@ -65,12 +65,14 @@ def test_robustness_sweep_on_avec2019(avec_config, tmp_path):
 
 def test_ccc_in_results_matches_a_hand_computation(avec_config, tmp_path):
     """The trainer's CCC on the test set equals Lin's formula applied to its own predictions."""
-    from mmsa_emt.mmsa_compat import EMTDLFRTrainer, checked_data_loader, trial_args
+    from mmsa_emt.mmsa.data import checked_data_loader
+    from mmsa_emt.mmsa.trainer import EMTDLFRTrainer
+    from mmsa_emt.mmsa.trials import trial_args
 
     args = trial_args("EMT-DLFR", "avec2019", avec_config)
     args["model_save_path"] = tmp_path / "m.pth"
     loaders = checked_data_loader(args, 0)
-    from mmsa_emt.mmsa_compat import AMIO
+    from mmsa_emt.mmsa.models import AMIO
 
     model = AMIO(args)
     out = EMTDLFRTrainer(args).do_test(model, loaders["test"], mode="TEST", return_sample_results=True)

@@ -12,7 +12,7 @@ from conftest import FEATURE_FILES, run_dirs
 from MMSA import MMSA_run
 
 from mmsa_emt.data_check import FeatureFileError
-from mmsa_emt.mmsa_compat import load_config
+from mmsa_emt.mmsa.config import load_config
 
 
 def run(config, tmp_path, model="EMT-DLFR", dataset="mosi"):

@@ -48,7 +48,7 @@ def test_upgrade_maps_only_the_earlier_layout(tiny_config):
 def test_load_weights_takes_a_checkpoint_of_the_earlier_layout(tiny_config):
     """MMSA_run's reload and MMSA_test go through load_weights, which compares keys strictly: the earlier layout's
     keys are mapped before the comparison, not refused as 'missing'."""
-    from mmsa_emt.mmsa_compat import load_weights
+    from mmsa_emt.mmsa.models import load_weights
 
     saved = torch.load(LEGACY)
     wrapper = torch.nn.Module()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from mmsa_emt.mmsa_compat import load_config, model_config_from_args, optim_config_from_args, speed_config_from_args
+from mmsa_emt.mmsa.config import load_config, model_config_from_args, optim_config_from_args, speed_config_from_args
 
 REGRESSION, TUNE = REPO / "config" / "config_regression.json", REPO / "config" / "config_tune.json"
 DATASETS = ("mosi", "mosei", "sims")

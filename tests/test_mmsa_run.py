@@ -14,7 +14,8 @@ from conftest import FEATURE_FILES, run_dirs
 from MMSA import MMSA_run, MMSA_test
 
 import mmsa_emt
-from mmsa_emt.mmsa_compat import AMIO, load_config
+from mmsa_emt.mmsa.config import load_config
+from mmsa_emt.mmsa.models import AMIO
 
 SCALES = {"mosi": 0.03, "mosei": 0.003, "sims": 0.03}  # about 40 training samples each
 
@@ -154,7 +155,8 @@ def test_feature_file_is_read_once_per_loader(workspace, monkeypatch):
 
     import MMSA.data_loader as mmsa_data_loader
 
-    from mmsa_emt.mmsa_compat import _mmsa_data_loader, checked_data_loader, checked_test_loader, trial_args
+    from mmsa_emt.mmsa.data import _mmsa_data_loader, checked_data_loader, checked_test_loader
+    from mmsa_emt.mmsa.trials import trial_args
 
     args = trial_args("EMT-DLFR", "mosi", workspace("mosi"))
     feature_file = os.path.realpath(args["featurePath"])
@@ -186,7 +188,8 @@ def test_test_loaders_at_several_rates_share_one_read(workspace, monkeypatch):
     content)."""
     import os
 
-    from mmsa_emt.mmsa_compat import _at_missing_rates, checked_test_loader, checked_test_loaders, trial_args
+    from mmsa_emt.mmsa.data import checked_test_loader, checked_test_loaders
+    from mmsa_emt.mmsa.trials import _at_missing_rates, trial_args
 
     args = trial_args("EMT-DLFR", "mosi", workspace("mosi"))
     feature_file = os.path.realpath(args["featurePath"])

@@ -11,7 +11,9 @@ import torch
 from conftest import FEATURE_FILES
 
 import mmsa_emt  # noqa: F401  (registers the mends)
-from mmsa_emt.mmsa_compat import _ORIGINAL_MMSA_TEST, AMIO, CheckpointError, load_config, mmsa_test
+from mmsa_emt.mmsa.config import load_config
+from mmsa_emt.mmsa.inference import _ORIGINAL_MMSA_TEST, mmsa_test
+from mmsa_emt.mmsa.models import AMIO, CheckpointError
 
 
 def _split(tmp_path: Path) -> dict:
@@ -135,7 +137,7 @@ def test_checkpoint_of_another_configuration_is_refused(saved, tmp_path):
 
 
 def test_checkpoint_of_another_model_is_refused(saved, tmp_path, workspace):
-    from mmsa_emt.mmsa_compat import trial_args
+    from mmsa_emt.mmsa.trials import trial_args
 
     args, _, test = saved
     tfn = trial_args("TFN", "mosi", workspace("mosi"))

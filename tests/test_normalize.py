@@ -13,10 +13,12 @@ import pytest
 from conftest import FEATURE_FILES, run_dirs
 from MMSA import MMSA_run
 
-from mmsa_emt import mmsa_compat, robustness
+from mmsa_emt import robustness
 from mmsa_emt.cli import main
 from mmsa_emt.data_check import FeatureFileError
 from mmsa_emt.missing import drop_features
+from mmsa_emt.mmsa import data as mmsa_data
+from mmsa_emt.mmsa import trials as mmsa_trials
 from mmsa_emt.normalize import normalize_features, sweep_normalization
 from mmsa_emt.robustness import config_hash, sweep
 
@@ -185,7 +187,7 @@ def test_mmsa_run_on_sims_normalizes_once_on_load(workspace, tmp_path, monkeypat
     normalized_path = tmp_path / "normalized.pkl"
     main(["normalize-features", "--in", str(raw_path), "--out", str(normalized_path)])
     expected = pickle.loads(normalized_path.read_bytes())
-    captured, real = [], mmsa_compat.checked_data_loader
+    captured, real = [], mmsa_data.checked_data_loader
 
     def capture(args, num_workers=4):
         captured.append(real(args, num_workers))
@@ -213,22 +215,22 @@ def test_mmsa_run_on_sims_normalizes_once_on_load(workspace, tmp_path, monkeypat
 
 def test_the_setting_off_and_shared_content_normalized_once(workspace, tmp_path):
     config = workspace("sims", scale=0.03)
-    args = mmsa_compat.trial_args("EMT-DLFR", "sims", config, overrides={"normalize_features": False})
+    args = mmsa_trials.trial_args("EMT-DLFR", "sims", config, overrides={"normalize_features": False})
     raw = pickle.loads(Path(args["featurePath"]).read_bytes())
-    loaders = mmsa_compat.checked_data_loader(args, 0)
+    loaders = mmsa_data.checked_data_loader(args, 0)
     np.testing.assert_array_equal(loaders["test"].dataset.audio, raw["test"]["audio"])
     args["normalize_features"] = True
     expected, _ = normalize_features(raw)
     shared = copy.deepcopy(raw)
     for _ in range(2):  # one content handed to two loaders: each normalizes a copy, the content stays raw
-        loader = mmsa_compat.checked_test_loader(args, data=shared)
+        loader = mmsa_data.checked_test_loader(args, data=shared)
         np.testing.assert_array_equal(loader.dataset.vision, expected["test"]["vision"])
     np.testing.assert_array_equal(shared["test"]["vision"], raw["test"]["vision"])
-    at = [mmsa_compat._at_missing_rates(args, (r,) * 3, tmp_path / "cache") for r in (0.0, 0.3, 0.6)]
-    for loader in mmsa_compat.checked_test_loaders(at):
+    at = [mmsa_trials._at_missing_rates(args, (r,) * 3, tmp_path / "cache") for r in (0.0, 0.3, 0.6)]
+    for loader in mmsa_data.checked_test_loaders(at):
         np.testing.assert_array_equal(loader.dataset.vision, expected["test"]["vision"])  # not normalized twice
     with pytest.raises(ValueError, match="'normalize_features' is 'yes'.*true or false"):
-        mmsa_compat.checked_data_loader({**args, "normalize_features": "yes"}, 0)
+        mmsa_data.checked_data_loader({**args, "normalize_features": "yes"}, 0)
 
 
 # ----------------------------------------------------------------------------------------------- sweeps
@@ -259,8 +261,8 @@ def test_sweep_gives_every_model_the_same_input(workspace, tmp_path):
     views = {}
     for model in ("EMT-DLFR", "Self_MM"):
         overrides = {"normalize_features": True, "missing_seed": seeds}
-        args = mmsa_compat.trial_args(model, "sims", config, overrides=overrides)
-        views[model] = mmsa_compat.checked_data_loader(mmsa_compat._at_missing_rates(args, rates, cache), 0)
+        args = mmsa_trials.trial_args(model, "sims", config, overrides=overrides)
+        views[model] = mmsa_data.checked_data_loader(mmsa_trials._at_missing_rates(args, rates, cache), 0)
     raw = pickle.loads(Path(args["featurePath"]).read_bytes())
     dropped = drop_features(normalize_features(raw)[0], rates, seeds)
     assert len(list(cache.glob("*-normalized-????????????.pkl"))) == 1  # the baseline's source, once

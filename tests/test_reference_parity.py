@@ -16,7 +16,7 @@ from easydict import EasyDict
 from mmsa_emt import LossWeights, compute_loss
 from mmsa_emt.dlfr import emt_dlfr
 from mmsa_emt.fast import apply, speed_config
-from mmsa_emt.mmsa_compat import model_config_from_args
+from mmsa_emt.mmsa.config import model_config_from_args
 
 REFERENCE = os.environ.get("EMT_DLFR_REFERENCE")
 pytestmark = pytest.mark.skipif(not REFERENCE, reason="set EMT_DLFR_REFERENCE to a checkout of sunlicai/EMT-DLFR")

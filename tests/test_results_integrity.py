@@ -17,7 +17,10 @@ from MMSA import MMSA_run
 from MMSA.utils import MetricsTop
 
 import mmsa_emt
-from mmsa_emt.mmsa_compat import CheckpointError, _checkpoint_path, append_results, mmsa_test
+from mmsa_emt.mmsa.inference import mmsa_test
+from mmsa_emt.mmsa.models import CheckpointError
+from mmsa_emt.mmsa.results import append_results
+from mmsa_emt.mmsa.trainer import _checkpoint_path
 
 SWEEP_MODELS = ["tfn", "lmf", "mult", "misa", "self_mm", "mmim", "tfr_net"]  # MMSA's models of the sweeps
 
@@ -153,12 +156,12 @@ def test_placeholder_of_a_killed_run_is_not_reused_and_not_loaded(workspace, tmp
 
 
 def test_failed_run_frees_its_checkpoint_name_and_log_lines_carry_the_process(workspace, tmp_path, monkeypatch):
-    import mmsa_emt.mmsa_compat as compat
+    import mmsa_emt.mmsa.trainer as mmsa_trainer
 
     def failing_fit(*args, **kwargs):
         raise RuntimeError("planted failure")
 
-    monkeypatch.setattr(compat, "fit", failing_fit)
+    monkeypatch.setattr(mmsa_trainer, "fit", failing_fit)
     config = workspace("mosi", scale=0.03)
     with pytest.raises(RuntimeError, match="planted failure"):
         MMSA_run("EMT-DLFR", "mosi", config_file=str(config), seeds=[4], gpu_ids=[], num_workers=0,

@@ -10,10 +10,14 @@ import torch
 from conftest import REPO, run_dirs
 from MMSA import MMSA_run
 
-import mmsa_emt.mmsa_compat as compat
+import mmsa_emt.mmsa.config as mmsa_config
+import mmsa_emt.mmsa.data as mmsa_data
+import mmsa_emt.mmsa.trainer as mmsa_trainer
+import mmsa_emt.mmsa.trials as mmsa_trials
 from mmsa_emt import settings
 from mmsa_emt.cli import parse_overrides
-from mmsa_emt.mmsa_compat import load_config, optim_config_from_args, trial_args
+from mmsa_emt.mmsa.config import load_config, optim_config_from_args
+from mmsa_emt.mmsa.trials import trial_args
 from mmsa_emt.settings import SETTINGS, SettingError, check_args, checked_assign_gpu
 
 CONFIGS = [REPO / "config" / "config_regression.json", REPO / "config" / "config_tune.json"]
@@ -26,7 +30,7 @@ def no_data(monkeypatch):
     def loader(*args, **kwargs):
         raise AssertionError("the data was read: the setting was not checked before loading")
 
-    monkeypatch.setattr(compat, "_mmsa_data_loader", loader)
+    monkeypatch.setattr(mmsa_data, "_mmsa_data_loader", loader)
 
 
 def run(config_file, tmp_path, model="EMT-DLFR", **kwargs):
@@ -102,7 +106,7 @@ def test_an_unknown_key_eval_fails_before_the_first_epoch(workspace, tmp_path, m
     """It used to raise only after the first epoch's validation; now before training starts (no epoch run, no
     checkpoint written), for EMT-DLFR and for MMSA's own models."""
     epochs = []
-    monkeypatch.setattr(compat, "fit", lambda *a, **k: epochs.append(1))
+    monkeypatch.setattr(mmsa_trainer, "fit", lambda *a, **k: epochs.append(1))
     config = workspace(model={"KeyEval": "Accuracy"})
     with pytest.raises(SettingError, match="'KeyEval' is 'Accuracy'"):
         run(config, tmp_path)
@@ -118,7 +122,7 @@ def test_numeric_strings_are_converted_before_the_model_sees_them(workspace, tmp
         seen.update(args)
         raise RuntimeError("stop before loading")
 
-    monkeypatch.setattr(compat, "checked_data_loader", stop)
+    monkeypatch.setattr(mmsa_trials, "checked_data_loader", stop)
     config = workspace()
     with pytest.raises(RuntimeError, match="stop before loading"):
         run(config, tmp_path, config={"batch_size": "8", "learning_rate_other": "1e-3", "missing_rate": "0.5",
@@ -152,7 +156,7 @@ def test_every_shipped_entry_passes_the_check(config_file):
             if args is None:
                 continue
             args.update(device=torch.device("cpu"), train_mode="regression", custom_feature=None, cur_seed=1)
-            compat.check_args(args)
+            mmsa_trials.check_args(args)
             checked += 1
     assert checked > 40
 
@@ -242,10 +246,10 @@ def test_translation_reads_checked_values_and_the_tables_defaults():
     with pytest.raises(SettingError, match="'learning_rate_video' is -1"):
         optim_config_from_args({**args, "learning_rate_video": -1})
     bare = {k: v for k, v in args.items() if SETTINGS[k].default is settings.REQUIRED}
-    config = compat.model_config_from_args({**bare, "feature_dims": [768, 5, 20]})
+    config = mmsa_config.model_config_from_args({**bare, "feature_dims": [768, 5, 20]})
     assert (config.ff_expansion, config.max_seq_len, config.modalities) == (4, 1024, ("text", "audio", "vision"))
-    assert compat.speed_config_from_args(bare).precision == SETTINGS["precision"].default
-    assert compat.loss_weights_from_args(bare).recon_kind == SETTINGS["recon_loss"].default
+    assert mmsa_config.speed_config_from_args(bare).precision == SETTINGS["precision"].default
+    assert mmsa_config.loss_weights_from_args(bare).recon_kind == SETTINGS["recon_loss"].default
 
 
 # ----------------------------------------------------------------------------------------------- GPU choice

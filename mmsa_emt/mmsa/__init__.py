@@ -1,0 +1,17 @@
+"""Everything that knows MMSA 2.2.1 (its args bag, config layout, data loader, trainer interface), one module per
+concern:
+
+- ``run_config``: the dataclasses one run is configured by (``RunConfig``, ``TrainingConfig``);
+- ``config``: reading MMSA config files and translating MMSA's args into ``RunConfig`` (``translate``);
+- ``data``: feature checks and normalization on load, MMSA's datasets and loaders, ``batch_from_mmsa``;
+- ``trainer``: ``EMTDLFRTrainer`` (MMSA's ``do_train``/``do_test`` over ``mmsa_emt.trainer``), checkpoint names;
+- ``models``: MMSA's model and trainer factories (``AMIO``, ``ATIO``) extended with ours, strict weight loading;
+- ``mends``: mends of MMSA's built-in models (MISA, TFR-Net, their schedulers and args);
+- ``results``: the results CSV shared by every model, written under a lock;
+- ``inference``: ``MMSA_test`` for our models (``mmsa_test``);
+- ``trials``: one train-and-test trial at given missing rates, for ``mmsa_emt.robustness``;
+- ``patches``: ``register()``, which puts all of the above into MMSA's modules, and ``PATCHES``, the table of
+  every such replacement.
+
+This package file imports nothing, so that ``mmsa_emt.settings`` can read ``run_config`` without a cycle.
+"""
