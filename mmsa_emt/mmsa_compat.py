@@ -56,7 +56,9 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torch.utils.data import DataLoader
 
 from . import dlfr as _dlfr  # noqa: F401  (registers the models)
+from . import checkpoint as checkpoint_format
 from . import fast, settings
+from .checkpoint import CheckpointError
 from .data_check import FeatureReport, check_feature_file, load_feature_file, zero_nonfinite
 from .fast import SpeedConfig
 from .metrics import DATASET_METRICS
@@ -479,6 +481,7 @@ class EMTDLFRTrainer:
                          minimize=self.key_metric in MINIMIZED_KEYS, early_stop=int(args.get("early_stop", 8)),
                          max_epochs=args.get("max_epochs"), update_every=int(args.get("update_epochs", 1)),
                          save_path=save_path, checkpoint_prefix="Model.", device=self.device,
+                         checkpoint_meta=checkpoint_format.metadata(net, args),
                          progress=self.progress, logger=logger, on_epoch_end=on_epoch_end, speed=self.speed,
                          last_partial_group="drop" if self.authors_training else "step")
         except BaseException:
@@ -675,29 +678,10 @@ def run_missing_trial(args: EasyDict, *, seed: int, train_rates: Sequence[float]
 
 
 # ----------------------------------------------------------------------------------------------- hooks
-class CheckpointError(ValueError):
-    """A weights file that cannot be, or must not be, loaded into the model asked for."""
-
-
 def _load_checkpoint(f: Any, *args: Any, **kwargs: Any) -> Any:
-    """``torch.load`` whose errors name the file: an empty file (a name reserved by a run that ended before its
-    first checkpoint), a truncated file, or one that is no PyTorch checkpoint at all (torch's own message for the
-    last would suggest ``weights_only=False``, i.e. running arbitrary pickled code)."""
-    name = str(getattr(f, "name", f))
-    if isinstance(f, (str, os.PathLike)) and Path(f).is_file() and Path(f).stat().st_size == 0:
-        raise CheckpointError(f"{name} is empty: a checkpoint name reserved by a run that ended before writing its "
-                              "weights (see docs/mmsa.md); delete it")
-    try:
-        return torch.load(f, *args, **kwargs)
-    except OSError:
-        raise  # names the file already (not found, no permission)
-    except Exception as error:  # torch.load raises RuntimeError, EOFError, KeyError, UnpicklingError, ... here
-        if "Unsupported global" in str(error):  # a pickle that names classes: torch's weights-only load refuses it
-            why = ("it holds Python objects other than tensors (a whole pickled model, or not a state dict); "
-                   "only weights saved with torch.save(model.state_dict(), path) are loaded")
-        else:
-            why = f"it is not a (complete) PyTorch checkpoint, perhaps truncated ({type(error).__name__})"
-        raise CheckpointError(f"cannot load {name}: {why}") from error
+    """``torch.load`` whose errors name the file (``checkpoint.load_file``); a checkpoint that carries its config
+    gives its state dict, as a weight-only file is (MMSA's ``_run`` reloads the best weights through this)."""
+    return checkpoint_format.state_dict_of(checkpoint_format.load_file(f, *args, **kwargs), str(getattr(f, "name", f)))
 
 
 def _few(keys: Iterable[str], n: int = 5) -> str:
@@ -709,6 +693,7 @@ def load_weights(model: nn.Module, state: Any, source: str = "the state dict") -
     """Loads ``state`` into ``model`` strictly: an EMT-DLFR checkpoint must hold exactly the model's keys and
     shapes. MMSA_test asks for ``strict=False``, under which a checkpoint of another model or layout would predict
     with the untouched random weights of every key it lacks."""
+    state = checkpoint_format.state_dict_of(state, source)  # a checkpoint that carries its config: its weights
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict")
     state = upgrade_state_dict(dict(state), "Model." if hasattr(model, "Model") else "")  # the earlier layout
@@ -984,10 +969,11 @@ def _sample_length(sample: Mapping[str, Any], name: str, frames: np.ndarray, pat
 
 def mmsa_test(config: Any, weights_path: str | os.PathLike, feature_path: str | os.PathLike,
               gpu_id: int = 0) -> Any:
-    """``MMSA_test`` (one sample's prediction from saved weights). For mmsa-emt's models: the weights are loaded
-    strictly (``load_weights``), an unreadable weights or feature file is named, and audio/vision are read up to
-    the sample's ``audio_lengths``/``vision_lengths`` (without them, trailing all-zero frames are refused). Other
-    models go to MMSA's own ``MMSA_test``."""
+    """``MMSA_test`` (one sample's prediction from saved weights). For mmsa-emt's models: a checkpoint that
+    carries its config is rebuilt from it (``checkpoint``; ``config`` then only names the model), weight-only files
+    are built from ``config`` and loaded strictly (``load_weights``), an unreadable weights or feature file is
+    named, and audio/vision are read up to the sample's ``audio_lengths``/``vision_lengths`` (without them,
+    trailing all-zero frames are refused). Other models go to MMSA's own ``MMSA_test``."""
     args = _test_args(config)
     if not _is_ours(args):
         return _ORIGINAL_MMSA_TEST(config, weights_path, feature_path, gpu_id)
@@ -1000,8 +986,14 @@ def mmsa_test(config: Any, weights_path: str | os.PathLike, feature_path: str | 
     args.update(train_mode="regression", device=device,
                 feature_dims=[dims[0], inputs["audio"].shape[1], inputs["vision"].shape[1]],
                 seq_lens=[inputs["text"].shape[1], inputs["audio"].shape[0], inputs["vision"].shape[0]])
-    model = AMIO(args)
-    load_weights(model, _load_checkpoint(weights_path, map_location="cpu"), source=str(weights_path))
+    saved = checkpoint_format.load_file(weights_path, map_location="cpu")
+    if checkpoint_format.is_packaged(saved):  # the network as the file's config says, not as the args say
+        model = checkpoint_format.build(checkpoint_format.from_saved(saved, str(weights_path)))
+        checkpoint_format.check_input_widths(model.config, inputs["audio"].shape[1], inputs["vision"].shape[1],
+                                             f"{feature_path} (for {weights_path})")
+    else:
+        model = AMIO(args)
+        load_weights(model, saved, source=str(weights_path))
     model.to(device).eval()
     batch = {k: torch.from_numpy(v)[None].to(device) for k, v in inputs.items()}
     with torch.no_grad():
