@@ -62,7 +62,8 @@ def write_demo_config(settings: DemoSettings, encoder: str) -> Path:
     """The repository's config with the demo's data folder, encoder and CPU-sized training."""
     if not settings.config_file.is_file():
         raise FileNotFoundError(f"{settings.config_file} not found: run the demo from a clone of the repository "
-                                "installed with 'pip install -e .', or pass --config")
+                                "installed with 'pip install -e .', or from Python with another config file that "
+                                "has an 'emt-dlfr' entry: run_demo(DemoSettings(config_file=...))")
     config = json.loads(settings.config_file.read_text(encoding="utf-8"))
     config["datasetCommonParams"]["dataset_root_dir"] = "dataset"  # relative to the demo config's folder
     entry = config["emt-dlfr"]
