@@ -77,24 +77,25 @@ def state_dict_of(saved: Any, source: str = "the checkpoint") -> Any:
     return saved["state_dict"]
 
 
-def _plain(value: Any) -> Any:
-    """``value`` as JSON-like plain data (tuples become lists), or raises TypeError."""
-    return json.loads(json.dumps(value))
+def _plain(value: Any, what: str = "a value") -> Any:
+    """``value`` as JSON-like plain data (tuples become lists, numpy numbers Python ones): what
+    ``torch.load(weights_only=True)`` reads back."""
+
+    def convert(item: Any) -> Any:
+        if hasattr(item, "tolist"):  # numpy scalars and arrays
+            return item.tolist()
+        raise TypeError(f"{what} holds a {type(item).__name__}, which a checkpoint cannot store as plain data")
+
+    return json.loads(json.dumps(value, default=convert))
 
 
 def run_settings(args: Mapping[str, Any]) -> dict[str, Any]:
     """The settings of ``args`` (MMSA's args) that belong to the trained model and how it was run (the groups
-    ``RUN_GROUPS`` of ``settings.SETTINGS``), not where its data lay; values that are no plain data are left out."""
+    ``RUN_GROUPS`` of ``settings.SETTINGS``), not where its data lay or which device ran it."""
     from .settings import SETTINGS
 
-    kept = {}
-    for key, value in args.items():
-        if key in SETTINGS and SETTINGS[key].group in RUN_GROUPS:
-            try:
-                kept[key] = _plain(value)
-            except (TypeError, ValueError):
-                continue  # e.g. a device object: not a setting of the model
-    return kept
+    return {key: _plain(value, f"setting '{key}'") for key, value in args.items()
+            if key in SETTINGS and SETTINGS[key].group in RUN_GROUPS}
 
 
 def encoder_config_of(model: nn.Module) -> dict[str, Any] | None:
@@ -112,9 +113,9 @@ def package(state_dict: Mapping[str, Tensor], *, config: EMTDLFRConfig, encoder_
     """The dict ``torch.save`` writes: the weights with the model config (module docstring)."""
     values = dataclasses.asdict(config)
     values.pop("encoder_config")
-    return {"format": FORMAT, "version": VERSION, "model_name": model_name, "config": _plain(values),
-            "encoder_config": None if encoder_config is None else _plain(dict(encoder_config)),
-            "settings": _plain(dict(settings or {})), "prefix": prefix, "state_dict": dict(state_dict)}
+    return {"format": FORMAT, "version": VERSION, "model_name": model_name, "config": _plain(values, "the config"),
+            "encoder_config": None if encoder_config is None else _plain(dict(encoder_config), "the encoder config"),
+            "settings": _plain(dict(settings or {}), "the settings"), "prefix": prefix, "state_dict": dict(state_dict)}
 
 
 def metadata(model: nn.Module, args: Mapping[str, Any], *, prefix: str = MMSA_PREFIX) -> dict[str, Any]:

@@ -99,14 +99,12 @@ def check_overrides(model: str, dataset: str, config_file: str | Path, overrides
 
 
 def run_train(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from .mmsa_compat import CheckpointError  # noqa: F401  (registers the models with MMSA)
-
     overrides = parse_overrides(ns.set)
     try:
         check_overrides(ns.model, ns.dataset, ns.config, overrides, ns.gpu_ids, tune=ns.tune)
     except (ValueError, KeyError, FileNotFoundError) as error:
         _fail(parser, error)
-    from MMSA import MMSA_run
+    from MMSA import MMSA_run  # with mmsa-emt's models: ``import mmsa_emt`` registered them
 
     MMSA_run(ns.model, ns.dataset, config_file=ns.config, config=overrides or None, seeds=list(ns.seeds),
              is_tune=ns.tune, tune_times=ns.tune_times, gpu_ids=list(ns.gpu_ids), num_workers=ns.num_workers,
