@@ -194,9 +194,11 @@ def build(checkpoint: Checkpoint, config: EMTDLFRConfig | None = None) -> nn.Mod
 def from_pretrained(path: str | os.PathLike, *, config: EMTDLFRConfig | None = None,
                     map_location: Any = "cpu") -> nn.Module:
     """A ready EMT-DLFR model (``DLFR``, eval mode) from a checkpoint file: built from the config the file carries
-    (the text encoder from its stored transformers config, nothing downloaded) and loaded strictly. ``config``
-    is needed for a weight-only file (and replaces the stored one otherwise)."""
-    return build(read(path, map_location=map_location), config)
+    (the text encoder from its stored transformers config, nothing downloaded) and loaded strictly, on the device
+    ``map_location`` names (a device or its name; the CPU otherwise). ``config`` is needed for a weight-only file
+    (and replaces the stored one otherwise)."""
+    model = build(read(path, map_location=map_location), config)
+    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
 
 
 def check_input_widths(config: EMTDLFRConfig, audio_dim: int, vision_dim: int, where: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from pathlib import Path
 
@@ -112,10 +113,13 @@ def test_a_newer_format_version_is_refused(tmp_path, tiny_config):
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
-def test_best_checkpoint_with_its_config_reads_back(tmp_path, tiny_config):
-    """fit's reload of the best weights (on the CPU, from the file) takes the packaged format."""
+@pytest.mark.parametrize("background", [False, True])  # True: written by a thread, as fit does on CUDA
+def test_best_checkpoint_with_its_config_reads_back(tmp_path, tiny_config, background):
+    """fit's reload of the best weights (from the file, or from memory after a background write) and the file
+    written both hold the packaged format."""
     model = emt_dlfr(tiny_config())
-    best = BestCheckpoint(tmp_path / "best.pth", prefix="Model.", meta=checkpoint.metadata(model, {}))
+    best = BestCheckpoint(tmp_path / "best.pth", prefix="Model.", meta=checkpoint.metadata(model, {}),
+                          background=background)
     best.save(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -123,4 +127,7 @@ def test_best_checkpoint_with_its_config_reads_back(tmp_path, tiny_config):
             p.add_(1.0)
     best.load_into(model)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
-    assert checkpoint.is_packaged(torch.load(tmp_path / "best.pth", weights_only=True))
+    saved = torch.load(tmp_path / "best.pth", weights_only=True)
+    assert checkpoint.is_packaged(saved) and saved["state_dict"].keys() == {f"Model.{k}" for k in before}
+    rebuilt = DLFR.from_pretrained(tmp_path / "best.pth", map_location=torch.device("cpu"))
+    assert dataclasses.replace(rebuilt.config, encoder_config=None) == model.config  # plus the encoder's config
