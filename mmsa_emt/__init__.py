@@ -3,6 +3,7 @@
 ``import mmsa_emt`` registers the model with MMSA, after which ``MMSA_run('EMT-DLFR', ...)`` and ``MMSA_test`` work.
 """
 
+from .checkpoint import from_pretrained
 from .dlfr import DLFR, LossWeights, TwoViewBatch, compute_loss
 from .mmsa.config import load_config
 from .mmsa.patches import register
@@ -13,6 +14,6 @@ from .trainer import flush_denormals
 register()
 flush_denormals()  # before torch starts its CPU threads; MMSA_EMT_FLUSH_DENORMAL=0 turns it off
 
-__all__ = ["DLFR", "EMTDLFR", "EMTDLFRConfig", "LossWeights", "TwoViewBatch", "compute_loss", "list_models",
-           "load_config", "register"]
+__all__ = ["DLFR", "EMTDLFR", "EMTDLFRConfig", "LossWeights", "TwoViewBatch", "compute_loss", "from_pretrained",
+           "list_models", "load_config", "register"]
 __version__ = "0.1.0"

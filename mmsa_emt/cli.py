@@ -1,11 +1,12 @@
-"""Command line: ``python -m mmsa_emt <command>``; ``--help`` lists the commands."""
+"""Command line: ``mmsa-emt <command>``, the same as ``python -m mmsa_emt <command>``; ``--help`` lists the commands."""
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -18,7 +19,8 @@ def parameter_table(config_file: str | Path, datasets: Sequence[str]) -> pd.Data
     encoder built locally (same architecture and size as the real checkpoint, nothing downloaded)."""
     from transformers import BertConfig, BertModel
 
-    from .mmsa_compat import AMIO, load_config
+    from .mmsa.config import load_config
+    from .mmsa.models import AMIO
 
     columns = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -40,8 +42,9 @@ def parameter_table(config_file: str | Path, datasets: Sequence[str]) -> pd.Data
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mmsa_emt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mmsa-emt", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    run_commands = add_run_commands(commands)
     demo = commands.add_parser("demo", help="offline end-to-end demo on synthetic MOSI-shaped data (minutes, CPU)")
     demo.add_argument("--out", default="saved_results/demo", help="output folder (default: %(default)s)")
     demo.add_argument("--scale", type=float, default=0.15, help="fraction of MOSI's split sizes (default 0.15)")
@@ -82,8 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     robust.add_argument("--out", default="saved_results/robustness", help="output folder (default: %(default)s)")
     robust.add_argument("--gpu-ids", nargs="*", type=int, default=[], help="GPU to use (default: CPU or most free)")
     robust.add_argument("--num-workers", type=int, default=0, help="data loader workers")
-    robust.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config values for every model, e.g. max_epochs=5 (values as JSON)")
+    add_set_option(robust, "override config values for every model")
     norm = commands.add_parser("normalize-features",
                                help="standardise audio/vision with train-split statistics (the authors' CH-SIMS "
                                     "input, unaligned_39_normalized.pkl)")
@@ -99,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                          help="their dataset_root_dir, relative to the config file (default: %(default)s)")
     configs.add_argument("--overwrite", action="store_true", help="replace files there with other content")
     args = parser.parse_args(argv)
+    if args.command in run_commands:
+        run_commands[args.command](args, commands.choices[args.command])
+        return
 
     if args.command == "demo":
         from .demo import DemoSettings, run_demo
@@ -156,6 +161,20 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{report.stats_frames[modality]} valid train frames"
                   + (f"; {len(constant)} constant over train (std 0, divided by 1e-6)" if constant else ""))
         print(f"written to {args.out}")
+
+
+def add_set_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--set KEY=VALUE ...`` (repeatable), read by ``parse_overrides``."""
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help=f"{what}, e.g. --set max_epochs=5 learning_rate_other=1e-4 "
+                             "modalities='[\"text\",\"audio\"]' (values parsed as JSON where they parse)")
+
+
+def add_run_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace, argparse.ArgumentParser], None]]:
+    """The subcommands train, test and list (``mmsa_emt.run_commands``); returns their handlers by name."""
+    from .run_commands import add_parsers
+
+    return add_parsers(commands)
 
 
 def parse_overrides(items: Sequence[str]) -> dict:

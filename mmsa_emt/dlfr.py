@@ -16,6 +16,7 @@ Shape legend: b batch, t steps, f features.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -158,6 +159,15 @@ class DLFR(nn.Module):
             predictor_dims={k: v for k, v in c.predictor_dims.items() if k == "context" or k in net.modalities},
         )
         self.register_load_state_dict_pre_hook(_upgrade_hook)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, config: EMTDLFRConfig | None = None,
+                        map_location: Any = "cpu") -> DLFR:
+        """A ready model (eval mode) from a checkpoint that carries its config, Hugging Face style; a weight-only
+        file needs ``config`` (``mmsa_emt.checkpoint.from_pretrained``)."""
+        from .checkpoint import from_pretrained
+
+        return from_pretrained(path, config=config, map_location=map_location)
 
     @property
     def config(self) -> EMTDLFRConfig:

@@ -15,6 +15,7 @@ Shape legend: b batch, l text tokens, t frames, m modalities, d model width, e e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -60,6 +61,9 @@ class EMTDLFRConfig:
     predictor_dims: dict[str, int] = field(
         default_factory=lambda: {"context": 128, "text": 256, "audio": 8, "vision": 16})
     modalities: tuple[str, ...] = MODALITIES  # any non-empty subset, e.g. ("audio", "vision")
+    # the text encoder's transformers config (PretrainedConfig.to_dict()); when set, the encoder is built from it
+    # with untrained weights instead of loaded from ``pretrained`` (a checkpoint's weights follow, see checkpoint.py)
+    encoder_config: dict[str, Any] | None = None
 
 
 @dataclass
@@ -88,7 +92,7 @@ class EMTDLFR(nn.Module):
             raise ValueError(f"modalities={list(c.modalities)}: choose a non-empty subset of {list(MODALITIES)}")
         self.modalities = tuple(m for m in MODALITIES if m in c.modalities)
         if "text" in self.modalities:
-            self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert)
+            self.text_encoder = BertTextEncoder(c.pretrained, finetune=c.finetune_bert, config=c.encoder_config)
         if "audio" in self.modalities:
             self.audio_encoder = SequenceEncoder(c.audio_dim, c.audio_hidden, c.audio_out,
                                                  num_layers=c.audio_lstm_layers, dropout=c.audio_lstm_dropout)

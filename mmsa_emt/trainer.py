@@ -10,14 +10,16 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .checkpoint import package, state_dict_of
 from .dlfr import DLFR, LossOutput, LossWeights, TwoViewBatch, compute_loss
 from .fast import SpeedConfig, auto_precision, compile_model  # noqa: F401  (the seam; re-exported)
 
@@ -212,7 +214,7 @@ def save_weights(model: torch.nn.Module, path: Path, *, prefix: str = "") -> Non
     write_atomically({prefix + k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
-def write_atomically(state: dict[str, Tensor], path: Path) -> None:
+def write_atomically(state: Mapping[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then renamed over it: an interrupted or failed write
     leaves the previous checkpoint whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,15 +238,17 @@ class BestCheckpoint:
     file is finished even if the program is interrupted meanwhile.
     """
 
-    def __init__(self, path: Path, *, prefix: str = "", background: bool = False) -> None:
+    def __init__(self, path: Path, *, prefix: str = "", background: bool = False,
+                 meta: Mapping[str, Any] | None = None) -> None:
         self.path, self.prefix, self.background = Path(path), prefix, background
+        self.meta = meta  # given: the file carries the model config too (``checkpoint.package``)
         self.held: dict[str, Tensor] | None = None  # background: the weights last saved, unprefixed
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def save(self, model: torch.nn.Module) -> None:
         if not self.background:
-            save_weights(model, self.path, prefix=self.prefix)
+            self._write_state({k: v.detach().cpu() for k, v in model.state_dict().items()})
             return
         self.wait()  # the buffers are free again
         state = model.state_dict()
@@ -264,9 +268,13 @@ class BestCheckpoint:
         try:
             if copied is not None:
                 copied.synchronize()
-            write_atomically({self.prefix + k: v for k, v in self.held.items()}, self.path)
+            self._write_state(self.held)
         except BaseException as error:  # handed to the training thread by wait()
             self._error = error
+
+    def _write_state(self, state: Mapping[str, Tensor]) -> None:
+        prefixed = {self.prefix + k: v for k, v in state.items()}
+        write_atomically(prefixed if self.meta is None else package(prefixed, **self.meta), self.path)
 
     def wait(self) -> None:
         """Returns once the last save is on disk; raises its error if it failed."""
@@ -282,7 +290,7 @@ class BestCheckpoint:
         if self.held is not None:
             model.load_state_dict(self.held)
             return
-        state = torch.load(self.path, map_location="cpu")
+        state = state_dict_of(torch.load(self.path, map_location="cpu"), str(self.path))
         model.load_state_dict({k[len(self.prefix):]: v for k, v in state.items()})
 
 
@@ -297,20 +305,24 @@ class FitResult:
 def fit(model: DLFR, train_batches: Iterable[TwoViewBatch], valid_batches: Iterable[TwoViewBatch], *,
         optimizer: torch.optim.Optimizer, weights: LossWeights, metric_fn: MetricFn, key_metric: str = "Loss",
         minimize: bool = True, early_stop: int = 8, max_epochs: int | None = None, update_every: int = 1,
-        save_path: Path, checkpoint_prefix: str = "", device: torch.device | str = "cpu", progress: bool = True,
+        save_path: Path, checkpoint_prefix: str = "", checkpoint_meta: Mapping[str, Any] | None = None,
+        device: torch.device | str = "cpu", progress: bool = True,
         logger: logging.Logger | None = None, speed: SpeedConfig | None = None,
         on_epoch_end: Callable[[int, dict[str, float], dict[str, float]], None] | None = None,
         last_partial_group: str = "step") -> FitResult:
     """Trains until ``key_metric`` on the validation set has not improved for ``early_stop`` epochs (or
     ``max_epochs``); the best weights are saved to ``save_path`` (``BestCheckpoint``: on CUDA by a thread while
     training goes on) and loaded back into ``model`` at the end (unless the last epoch was the best: ``model``
-    holds them already). ``last_partial_group``: see ``train_one_epoch`` (checked before the first batch)."""
+    holds them already). ``checkpoint_meta`` (``checkpoint.metadata``): the file carries the model config too, as
+    ``checkpoint.package`` writes it. ``last_partial_group``: see ``train_one_epoch`` (checked before the first
+    batch)."""
     if last_partial_group not in LAST_PARTIAL_GROUP:
         raise ValueError(f"last_partial_group='{last_partial_group}' is not one of {list(LAST_PARTIAL_GROUP)}")
     log = logger or logging.getLogger(__name__)
     speed = speed or SpeedConfig()
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=speed.precision == "fp16")
-    best = BestCheckpoint(save_path, prefix=checkpoint_prefix, background=torch.device(device).type == "cuda")
+    best = BestCheckpoint(save_path, prefix=checkpoint_prefix, background=torch.device(device).type == "cuda",
+                          meta=checkpoint_meta)
     best_value, best_epoch, epoch, history = math.inf if minimize else -math.inf, 0, 0, []
     while max_epochs is None or epoch < max_epochs:
         epoch += 1

@@ -15,8 +15,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: a hub name must fail fast, not retry
 
 import mmsa_emt
-from mmsa_emt.model import EMTDLFRConfig
 from mmsa_emt.dlfr import TwoViewBatch
+from mmsa_emt.model import EMTDLFRConfig
 from mmsa_emt.synthetic import write_dataset, write_tiny_bert
 
 REPO = Path(__file__).resolve().parents[1]

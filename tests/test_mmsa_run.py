@@ -54,7 +54,7 @@ def test_same_seed_twice_gives_identical_metrics_and_keeps_both_checkpoints(work
     assert frame.iloc[0, 1:].tolist() == frame.iloc[1, 1:].tolist()
     names = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert names == ["emt-dlfr-mosi-seed7-1.pth", "emt-dlfr-mosi-seed7.pth"]
-    first, second = (torch.load(tmp_path / "models" / n) for n in names)
+    first, second = (torch.load(tmp_path / "models" / n)["state_dict"] for n in names)  # weights with their config
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from easydict import EasyDict
 
-from .. import settings
+from .. import checkpoint, settings
 from .config import is_ours as _is_ours
-from .models import AMIO, _load_checkpoint, load_weights
+from .models import AMIO, load_weights
 
 _ORIGINAL_MMSA_TEST = mmsa_run.MMSA_test
 
@@ -91,10 +91,11 @@ def _sample_length(sample: Mapping[str, Any], name: str, frames: np.ndarray, pat
 
 def mmsa_test(config: Any, weights_path: str | os.PathLike, feature_path: str | os.PathLike,
               gpu_id: int = 0) -> Any:
-    """``MMSA_test`` (one sample's prediction from saved weights). For mmsa-emt's models: the weights are loaded
-    strictly (``load_weights``), an unreadable weights or feature file is named, and audio/vision are read up to
-    the sample's ``audio_lengths``/``vision_lengths`` (without them, trailing all-zero frames are refused). Other
-    models go to MMSA's own ``MMSA_test``."""
+    """``MMSA_test`` (one sample's prediction from saved weights). For mmsa-emt's models: a checkpoint that
+    carries its config is rebuilt from it (``checkpoint``; ``config`` then only names the model), weight-only files
+    are built from ``config`` and loaded strictly (``load_weights``), an unreadable weights or feature file is
+    named, and audio/vision are read up to the sample's ``audio_lengths``/``vision_lengths`` (without them,
+    trailing all-zero frames are refused). Other models go to MMSA's own ``MMSA_test``."""
     args = _test_args(config)
     if not _is_ours(args):
         return _ORIGINAL_MMSA_TEST(config, weights_path, feature_path, gpu_id)
@@ -108,8 +109,14 @@ def mmsa_test(config: Any, weights_path: str | os.PathLike, feature_path: str | 
     args.update(train_mode="regression", device=device,
                 feature_dims=[text_dim, inputs["audio"].shape[1], inputs["vision"].shape[1]],
                 seq_lens=[inputs["text"].shape[1], inputs["audio"].shape[0], inputs["vision"].shape[0]])
-    model = AMIO(args)
-    load_weights(model, _load_checkpoint(weights_path, map_location="cpu"), source=str(weights_path))
+    saved = checkpoint.load_file(weights_path, map_location="cpu")
+    if checkpoint.is_packaged(saved):  # the network as the file's config says, not as the args say
+        model = checkpoint.build(checkpoint.from_saved(saved, str(weights_path)))
+        checkpoint.check_input_widths(model.config, inputs["audio"].shape[1], inputs["vision"].shape[1],
+                                      f"{feature_path} (for {weights_path})")
+    else:
+        model = AMIO(args)
+        load_weights(model, saved, source=str(weights_path))
     model.to(device).eval()
     batch = {k: torch.from_numpy(v)[None].to(device) for k, v in inputs.items()}
     with torch.no_grad():

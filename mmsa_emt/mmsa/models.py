@@ -4,9 +4,7 @@ loading of their weights (``load_weights``, ``_load_checkpoint``)."""
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,8 +13,8 @@ from MMSA.models.AMIO import AMIO as _MMSA_AMIO
 from MMSA.trains.ATIO import ATIO as _MMSA_ATIO
 from torch import Tensor, nn
 
-from .. import fast
-from ..dlfr import DLFR, upgrade_state_dict
+from .. import checkpoint, fast
+from ..checkpoint import CheckpointError, load_weights  # noqa: F401  (re-exported)
 from ..registry import get_builder
 from .config import is_ours as _is_ours
 from .config import translate
@@ -25,58 +23,10 @@ from .trainer import EMTDLFRTrainer
 logger = logging.getLogger("MMSA")
 
 
-class CheckpointError(ValueError):
-    """A weights file that cannot be, or must not be, loaded into the model asked for."""
-
-
 def _load_checkpoint(f: Any, *args: Any, **kwargs: Any) -> Any:
-    """``torch.load`` whose errors name the file: an empty file (a name reserved by a run that ended before its
-    first checkpoint), a truncated file, or one that is no PyTorch checkpoint at all (torch's own message for the
-    last would suggest ``weights_only=False``, i.e. running arbitrary pickled code)."""
-    name = str(getattr(f, "name", f))
-    if isinstance(f, (str, os.PathLike)) and Path(f).is_file() and Path(f).stat().st_size == 0:
-        raise CheckpointError(f"{name} is empty: a checkpoint name reserved by a run that ended before writing its "
-                              "weights (see docs/mmsa.md); delete it")
-    try:
-        return torch.load(f, *args, **kwargs)
-    except OSError:
-        raise  # names the file already (not found, no permission)
-    except Exception as error:  # torch.load raises RuntimeError, EOFError, KeyError, UnpicklingError, ... here
-        if "Unsupported global" in str(error):  # a pickle that names classes: torch's weights-only load refuses it
-            why = ("it holds Python objects other than tensors (a whole pickled model, or not a state dict); "
-                   "only weights saved with torch.save(model.state_dict(), path) are loaded")
-        else:
-            why = f"it is not a (complete) PyTorch checkpoint, perhaps truncated ({type(error).__name__})"
-        raise CheckpointError(f"cannot load {name}: {why}") from error
-
-
-def _few(keys: Iterable[str], n: int = 5) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def load_weights(model: nn.Module, state: Any, source: str = "the state dict") -> Any:
-    """Loads ``state`` into ``model`` strictly: an EMT-DLFR checkpoint must hold exactly the model's keys and
-    shapes. MMSA_test asks for ``strict=False``, under which a checkpoint of another model or layout would predict
-    with the untouched random weights of every key it lacks."""
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{source} holds a {type(state).__name__}, not a state dict")
-    state = upgrade_state_dict(dict(state), "Model." if hasattr(model, "Model") else "")  # the earlier layout
-    expected, given = set(nn.Module.state_dict(model)), set(state)
-    missing, unexpected = expected - given, given - expected
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing keys ({_few(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected keys ({_few(unexpected)})" if unexpected else ""]
-        hint = (" (its keys lack the 'Model.' prefix of MMSA's AMIO)"
-                if unexpected and {f"Model.{k}" for k in unexpected} >= missing else "")
-        inner = getattr(model, "Model", model)
-        name = "EMT-DLFR" if isinstance(inner, DLFR) else type(inner).__name__
-        raise CheckpointError(f"{source} does not fit this {name} model: {' and '.join(p for p in parts if p)}"
-                              f"{hint}; it was saved from another model or configuration")
-    try:
-        return nn.Module.load_state_dict(model, state, strict=True)
-    except RuntimeError as error:  # shapes differ: another configuration (widths, feature dimensions)
-        raise CheckpointError(f"{source} does not fit this model's configuration: {error}") from error
+    """``torch.load`` whose errors name the file (``checkpoint.load_file``); a checkpoint that carries its config
+    gives its state dict, as a weight-only file does (MMSA's ``_run`` reloads the best weights through this)."""
+    return checkpoint.state_dict_of(checkpoint.load_file(f, *args, **kwargs), str(getattr(f, "name", f)))
 
 
 def _refuse_unmarked_padding(name: str, frames: Tensor, where: str) -> None:

@@ -15,6 +15,7 @@ from easydict import EasyDict
 from MMSA.utils import MetricsTop, dict_to_str
 from torch import nn
 
+from .. import checkpoint
 from ..trainer import build_optimizer, evaluate, fit
 from .config import translate
 from .data import _Batches
@@ -97,6 +98,7 @@ class EMTDLFRTrainer:
                          minimize=self.key_metric in MINIMIZED_KEYS, early_stop=self.training.early_stop,
                          max_epochs=self.training.max_epochs, update_every=self.training.update_epochs,
                          save_path=save_path, checkpoint_prefix="Model.", device=self.device,
+                         checkpoint_meta=checkpoint.metadata(net, args),
                          progress=self.progress, logger=logger, on_epoch_end=on_epoch_end, speed=self.speed,
                          last_partial_group="drop" if self.authors_training else "step")
         except BaseException:

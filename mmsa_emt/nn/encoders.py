@@ -5,7 +5,9 @@ Shape legend: b batch, l text tokens, t frames, f input features, e hidden width
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +26,9 @@ class BertTextEncoder(nn.Module):
     vocab.txt. The pooler is kept (so parameter counts match the authors') but frozen: neither uses it.
     """
 
-    def __init__(self, pretrained: str, *, finetune: bool = True) -> None:
+    def __init__(self, pretrained: str, *, finetune: bool = True, config: Mapping[str, Any] | None = None) -> None:
         super().__init__()
-        self.bert = load_pretrained_encoder(pretrained)
+        self.bert = load_pretrained_encoder(pretrained) if config is None else encoder_from_config(config)
         self.pretrained, self.finetune = pretrained, finetune
         if getattr(self.bert, "pooler", None) is not None:
             self.bert.pooler.requires_grad_(False)
@@ -60,6 +62,16 @@ def load_pretrained_encoder(pretrained: str) -> nn.Module:
             "your config to a local folder holding config.json, the weights and vocab.txt (for example a copy of "
             "bert-base-uncased, or bert-base-chinese for SIMS)."
         ) from error
+
+
+def encoder_from_config(config: Mapping[str, Any]) -> nn.Module:
+    """An encoder of the architecture a transformers config (``PretrainedConfig.to_dict()``) describes, with
+    untrained weights and nothing downloaded: a saved checkpoint's weights are loaded into it next."""
+    values = dict(config)
+    model_type = values.pop("model_type", None)
+    if not model_type:
+        raise ValueError("the text encoder's config has no 'model_type'; it cannot be rebuilt")
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **values))
 
 
 def length_mask(lengths: Tensor, max_len: int) -> Tensor:
