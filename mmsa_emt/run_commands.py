@@ -51,8 +51,8 @@ def add_parsers(commands: Any) -> dict[str, Handler]:
     test.add_argument("-d", "--dataset", required=True, help="dataset whose feature file is read")
     test.add_argument("-c", "--config", default=None,
                       help="config file: the feature file's location; for a weight-only file also the model "
-                           "(required then). Default for a checkpoint that carries its config: the package's, merged into "
-                           "MMSA's")
+                           "(required then). Default for a checkpoint that carries its config: the package's, "
+                           "merged into MMSA's")
     test.add_argument("-m", "--model", default=None, help="model of a weight-only file (default: emt-dlfr)")
     test.add_argument("--split", choices=["test", "valid", "train"], default="test", help="(default: test)")
     test.add_argument("--missing-rate", type=float, default=None,

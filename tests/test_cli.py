@@ -126,7 +126,7 @@ def test_demo_config_not_found_advises_what_demo_accepts(tmp_path):
     with pytest.raises(FileNotFoundError) as caught:
         write_demo_config(DemoSettings(out=tmp_path, config_file=tmp_path / "absent.json"), "encoder")
     message = str(caught.value)
-    assert "absent.json not found" in message and "DemoSettings(config_file=" in message
+    assert "absent.json not found" in message and "DemoSettings.config_file" in message
     assert "--config" not in message  # demo has no such option
 
 
