@@ -6,10 +6,14 @@ import argparse
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .demo import DEFAULT_CONFIG
+
+if TYPE_CHECKING:
+    from .executors import ExecutorSettings
 
 BERT_BASE_VOCAB = {"bert-base-uncased": 30522, "bert-base-chinese": 21128}
 FEATURE_DIMS = {"mosi": [768, 5, 20], "mosei": [768, 74, 35], "sims": [768, 33, 709]}  # MMSA's feature files
@@ -86,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     robust.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     robust.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config values for every model, e.g. max_epochs=5 (values as JSON)")
+    add_executor_options(robust)
+    robust.add_argument("--keep-checkpoints", choices=["all", "best", "none"], default="all",
+                        help="all (default); best: per model, rate and configuration only the seed with the best "
+                             "validation score; none: delete each trial's weights once tested")
     norm = commands.add_parser("normalize-features",
                                help="standardise audio/vision with train-split statistics (the authors' CH-SIMS "
                                     "input, unaligned_39_normalized.pkl)")
@@ -121,11 +129,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:  # every setting is checked before anything is trained; a bad one is a usage error naming the option
             check_settings(args.dataset.lower(), rates=args.rates, modality_rates=args.modality_rates,
                            seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate)
+            runner = executor_settings(args)
         except ValueError as error:
             robust.error(str(error))
-        sweep(args.model, args.dataset, args.config, rates=args.rates, modality_rates=args.modality_rates,
-              seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate, out_dir=args.out,
-              gpu_ids=args.gpu_ids, num_workers=args.num_workers, overrides=parse_overrides(args.set))
+        result = sweep(args.model, args.dataset, args.config, rates=args.rates, modality_rates=args.modality_rates,
+                       seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate, out_dir=args.out,
+                       gpu_ids=args.gpu_ids, num_workers=args.num_workers, overrides=parse_overrides(args.set),
+                       executor=runner, keep_checkpoints=args.keep_checkpoints)
+        if result.failed:
+            raise SystemExit(f"robustness: {len(result.failed)} trial(s) failed: {', '.join(result.failed)}")
     elif args.command == "normalize-features":
         from .data_check import FeatureFileError
         from .normalize import normalize_file
@@ -141,6 +153,35 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{report.stats_frames[modality]} valid train frames"
                   + (f"; {len(constant)} constant over train (std 0, divided by 1e-6)" if constant else ""))
         print(f"written to {args.out}")
+
+
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """The options saying where trials run (``mmsa_emt.executors.ExecutorSettings``)."""
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: one trial after another in this process (default); ray: Ray tasks on this "
+                             'machine or a cluster (pip install -e ".[ray]")')
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join: auto (the one `ray start` made here) or HOST:PORT; default: a "
+                             "local Ray sized to this machine")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0,
+                        help="GPUs each Ray trial reserves (0.5: two trials share one GPU; default 0: the CPU)")
+    parser.add_argument("--cpus-per-trial", type=float, default=None,
+                        help="CPU cores per trial, also its torch/OpenMP thread count (Ray default 1; local "
+                             "default: threads left as they are)")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="further attempts of a failed trial (an error or a lost worker) before it is recorded "
+                             "as failed (default 1)")
+
+
+def executor_settings(args: argparse.Namespace) -> ExecutorSettings:
+    """The checked ``ExecutorSettings`` of parsed options (a ValueError names the option at fault)."""
+    from .executors import ExecutorSettings, RayMissingError
+
+    try:
+        return ExecutorSettings(kind=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
+                                gpus_per_trial=args.gpus_per_trial, retries=args.retries).check()
+    except RayMissingError as error:
+        raise ValueError(str(error)) from None
 
 
 def parse_overrides(items: Sequence[str]) -> dict:
