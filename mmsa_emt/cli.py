@@ -94,6 +94,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     robust.add_argument("--keep-checkpoints", choices=["all", "best", "none"], default="all",
                         help="all (default); best: per model, rate and configuration only the seed with the best "
                              "validation score; none: delete each trial's weights once tested")
+    tuning = commands.add_parser("tune", help="hyper-parameter search on Ray Tune, selected on the validation "
+                                              "split; the chosen configuration is tested once afterwards")
+    tuning.add_argument("--model", default="EMT-DLFR", help="an mmsa-emt model (default: %(default)s)")
+    tuning.add_argument("--dataset", required=True, help="mosi, mosei, sims or another dataset of the config")
+    tuning.add_argument("--config", default="config/config_tune.json",
+                        help="tuning config; its debugParams are the search space (default: %(default)s)")
+    tuning.add_argument("--space", default=None, help='JSON file {"key": [choice, ...]} replacing debugParams')
+    tuning.add_argument("--trials", type=int, required=True, help="configurations to try")
+    tuning.add_argument("--out", required=True, help="folder of the search (rerun with it to resume)")
+    tuning.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo",
+                        help="asha: stop weak trials early from their per-epoch validation results")
+    tuning.add_argument("--seed", type=int, default=1111, help="training seed of every trial, and of the sampling")
+    tuning.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    tuning.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config values of every trial, e.g. max_epochs=5 (values as JSON)")
+    add_executor_options(tuning)
     norm = commands.add_parser("normalize-features",
                                help="standardise audio/vision with train-split statistics (the authors' CH-SIMS "
                                     "input, unaligned_39_normalized.pkl)")
@@ -138,6 +154,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                        executor=runner, keep_checkpoints=args.keep_checkpoints)
         if result.failed:
             raise SystemExit(f"robustness: {len(result.failed)} trial(s) failed: {', '.join(result.failed)}")
+    elif args.command == "tune":
+        from .tuning import tune_model
+
+        try:
+            runner = executor_settings(args)
+        except ValueError as error:
+            tuning.error(str(error))
+        tune_model(args.model, args.dataset, args.config, trials=args.trials, out_dir=args.out,
+                   space_file=args.space, executor=runner, scheduler=args.scheduler, seed=args.seed,
+                   num_workers=args.num_workers, overrides=parse_overrides(args.set))
     elif args.command == "normalize-features":
         from .data_check import FeatureFileError
         from .normalize import normalize_file
