@@ -25,6 +25,8 @@ import logging
 import math
 import os
 import re
+import stat
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -241,12 +243,18 @@ def _read_digest_cache(path: Path) -> dict[str, Any]:
 def _write_atomically(path: Path, text: str) -> None:
     """Writes ``text`` to a temporary file beside ``path``, syncs it and renames it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    # a unique name: trials on several processes or hosts (a shared folder) may write the same file at once
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644)  # mkstemp's is 0600
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     if os.name == "posix":  # the rename itself is durable once the folder is synced
         folder = os.open(path.parent, os.O_RDONLY)
         try:
