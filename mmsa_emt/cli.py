@@ -6,9 +6,12 @@ import argparse
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from .executors import ExecutorSettings
 
 BERT_BASE_VOCAB = {"bert-base-uncased": 30522, "bert-base-chinese": 21128}
 FEATURE_DIMS = {"mosi": [768, 5, 20], "mosei": [768, 74, 35], "sims": [768, 33, 709]}  # MMSA's feature files
@@ -86,6 +89,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     robust.add_argument("--gpu-ids", nargs="*", type=int, default=[], help="GPU to use (default: CPU or most free)")
     robust.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     add_set_option(robust, "override config values for every model")
+    add_executor_options(robust)
+    robust.add_argument("--keep-checkpoints", choices=["all", "best", "none"], default="all",
+                        help="all (default); best: per model, rate and configuration only the seed with the best "
+                             "validation score; none: delete each trial's weights once tested")
+    tuning = commands.add_parser("tune", help="hyper-parameter search on Ray Tune, selected on the validation "
+                                              "split; the chosen configuration is tested once afterwards")
+    tuning.add_argument("--model", default="EMT-DLFR", help="an mmsa-emt model (default: %(default)s)")
+    tuning.add_argument("--dataset", required=True, help="mosi, mosei, sims or another dataset of the config")
+    tuning.add_argument("--config", default="",
+                        help="tuning config; its debugParams are the search space (default: the package's, merged "
+                             "into MMSA's config_tune.json)")
+    tuning.add_argument("--space", default=None, help='JSON file {"key": [choice, ...]} replacing debugParams')
+    tuning.add_argument("--trials", type=int, required=True, help="configurations to try")
+    tuning.add_argument("--out", required=True, help="folder of the search (rerun with it to resume)")
+    tuning.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo",
+                        help="asha: stop weak trials early from their per-epoch validation results")
+    tuning.add_argument("--seed", type=int, default=1111, help="training seed of every trial, and of the sampling")
+    tuning.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    add_set_option(tuning, "override config values of every trial")
+    add_executor_options(tuning)
     norm = commands.add_parser("normalize-features",
                                help="standardise audio/vision with train-split statistics (the authors' CH-SIMS "
                                     "input, unaligned_39_normalized.pkl)")
@@ -130,14 +153,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:  # every setting is checked before anything is trained; a bad one is a usage error naming the option
             check_settings(args.dataset.lower(), rates=args.rates, modality_rates=args.modality_rates,
                            seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate)
+            runner = executor_settings(args)
         except ValueError as error:
             robust.error(str(error))
         from .configs import merged_config_file
 
         config = args.config or merged_config_file()
-        sweep(args.model, args.dataset, config, rates=args.rates, modality_rates=args.modality_rates,
-              seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate, out_dir=args.out,
-              gpu_ids=args.gpu_ids, num_workers=args.num_workers, overrides=parse_overrides(args.set))
+        result = sweep(args.model, args.dataset, config, rates=args.rates, modality_rates=args.modality_rates,
+                       seeds=args.seeds, protocol=args.protocol, train_rate=args.train_rate, out_dir=args.out,
+                       gpu_ids=args.gpu_ids, num_workers=args.num_workers, overrides=parse_overrides(args.set),
+                       executor=runner, keep_checkpoints=args.keep_checkpoints)
+        if result.failed:
+            raise SystemExit(f"robustness: {len(result.failed)} trial(s) failed: {', '.join(result.failed)}")
+    elif args.command == "tune":
+        from .tuning import tune_model
+
+        try:
+            runner = executor_settings(args)
+        except ValueError as error:
+            tuning.error(str(error))
+        from .configs import merged_config_file
+
+        tune_model(args.model, args.dataset, args.config or merged_config_file(tune=True), trials=args.trials,
+                   out_dir=args.out,
+                   space_file=args.space, executor=runner, scheduler=args.scheduler, seed=args.seed,
+                   num_workers=args.num_workers, overrides=parse_overrides(args.set))
     elif args.command == "write-configs":
         from .configs import write_configs
 
@@ -175,6 +215,35 @@ def add_run_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace, a
     from .run_commands import add_parsers
 
     return add_parsers(commands)
+
+
+def add_executor_options(parser: argparse.ArgumentParser) -> None:
+    """The options saying where trials run (``mmsa_emt.executors.ExecutorSettings``)."""
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local: one trial after another in this process (default); ray: Ray tasks on this "
+                             'machine or a cluster (pip install -e ".[ray]")')
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join: auto (the one `ray start` made here) or HOST:PORT; default: a "
+                             "local Ray sized to this machine")
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0,
+                        help="GPUs each Ray trial reserves (0.5: two trials share one GPU; default 0: the CPU)")
+    parser.add_argument("--cpus-per-trial", type=float, default=None,
+                        help="CPU cores per trial, also its torch/OpenMP thread count (Ray default 1; local "
+                             "default: threads left as they are)")
+    parser.add_argument("--retries", type=int, default=1,
+                        help="further attempts of a failed trial (an error or a lost worker) before it is recorded "
+                             "as failed (default 1)")
+
+
+def executor_settings(args: argparse.Namespace) -> ExecutorSettings:
+    """The checked ``ExecutorSettings`` of parsed options (a ValueError names the option at fault)."""
+    from .executors import ExecutorSettings, RayMissingError
+
+    try:
+        return ExecutorSettings(kind=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,
+                                gpus_per_trial=args.gpus_per_trial, retries=args.retries).check()
+    except RayMissingError as error:
+        raise ValueError(str(error)) from None
 
 
 def parse_overrides(items: Sequence[str]) -> dict:

@@ -10,7 +10,9 @@ are applied to ``text_bert`` (ids -> [UNK]), ``text`` (token features -> zeros),
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,8 +79,16 @@ def incomplete_view_file(source: str | Path, rates: Sequence[float], seeds: Sequ
         with open(source, "rb") as f:
             data = pickle.load(f)
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(".partial")
-        with open(partial, "wb") as f:
-            pickle.dump(drop_features(data, rates, seeds), f, protocol=4)
-        partial.replace(target)  # never leave a half-written file under the final name
+        # a unique temporary name per writer, renamed into place: processes writing the same file at once never
+        # write into one another's bytes, and no half-written file ever carries the final name
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(drop_features(data, rates, seeds), f, protocol=4)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, target)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
     return target

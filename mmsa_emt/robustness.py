@@ -21,9 +21,12 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
+import stat
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -35,9 +38,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from . import mmsa_compat
+from .executors import ExecutorSettings, Failure, Job, run_jobs
 
 try:
     import fcntl
@@ -66,6 +71,10 @@ OPTIONS = {"rates": "--rates/rates", "modality_rates": "--modality-rates/modalit
            "train_rate": "--train-rate/train_rate", "seeds": "--seeds/seeds", "protocol": "--protocol/protocol"}
 DIGEST_CACHE = ".feature_digests.json"  # in the out folder: content digests of feature files, by path/size/mtime
 SHORT_HASH = 7  # characters of a config hash in table rows and plot legends
+LOG_COLUMN = "log"  # the trial's log file; after TAIL_COLUMNS (results files written before it lack it)
+VALID_SCORE = "_valid_score"  # set by run_trial for --keep-checkpoints best; never written to the results
+NOT_KEPT = "not kept (--keep-checkpoints none)"
+KEEP_CHECKPOINTS = ("all", "best", "none")
 
 
 class DamagedResultsWarning(UserWarning):
@@ -234,12 +243,18 @@ def _read_digest_cache(path: Path) -> dict[str, Any]:
 def _write_atomically(path: Path, text: str) -> None:
     """Writes ``text`` to a temporary file beside ``path``, syncs it and renames it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    # a unique name: trials on several processes or hosts (a shared folder) may write the same file at once
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o644)  # mkstemp's is 0600
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
     if os.name == "posix":  # the rename itself is durable once the folder is synced
         folder = os.open(path.parent, os.O_RDONLY)
         try:
@@ -261,25 +276,84 @@ def config_hash(model: str, dataset: str, config_file: str | Path, overrides: di
 
 
 def run_trial(spec: TrialSpec, config_file: str | Path, *, out_dir: str | Path, gpu_ids: Sequence[int] = (),
-              num_workers: int = 0, overrides: dict | None = None) -> list[dict[str, Any]]:
-    """Trains and tests one (model, rate, seed) and returns one row per test rate."""
+              num_workers: int = 0, overrides: dict | None = None, device: str | None = None,
+              log_file: str | Path | None = None, keep_checkpoint: str = "all") -> list[dict[str, Any]]:
+    """Trains and tests one (model, rate, seed) and returns one row per test rate.
+
+    ``device`` (set by the Ray executor: 'cuda:0', the task's own GPU, or 'cpu') replaces the choice from
+    ``gpu_ids``; ``log_file`` receives this trial's log lines; ``keep_checkpoint``: 'none' deletes the weights once
+    tested, 'best' adds the validation score (``VALID_SCORE``, the model's ``KeyEval`` at the training rates) that
+    the sweep compares across seeds."""
     out_dir = Path(out_dir)
     start = time.time()
-    digest = config_hash(spec.model, spec.dataset, config_file, overrides, digest_cache=out_dir / DIGEST_CACHE)
-    args = mmsa_compat.trial_args(spec.model, spec.dataset, config_file, overrides=overrides, gpu_ids=gpu_ids)
-    results, checkpoint = mmsa_compat.run_missing_trial(
-        args, seed=spec.seed, train_rates=spec.train_rates, test_rates=spec.test_rates,
-        checkpoint=out_dir / "checkpoints" / f"{spec.tag}.pth", cache_dir=out_dir / ".incomplete",
-        num_workers=num_workers)
+    with _trial_log(log_file):
+        digest = config_hash(spec.model, spec.dataset, config_file, overrides, digest_cache=out_dir / DIGEST_CACHE)
+        args = mmsa_compat.trial_args(spec.model, spec.dataset, config_file, overrides=overrides, gpu_ids=gpu_ids)
+        if device is not None:
+            args["device"] = torch.device(device)
+        cache_dir = incomplete_dir(out_dir)
+        results, checkpoint = mmsa_compat.run_missing_trial(
+            args, seed=spec.seed, train_rates=spec.train_rates, test_rates=spec.test_rates,
+            checkpoint=out_dir / "checkpoints" / f"{spec.tag}.pth", cache_dir=cache_dir, num_workers=num_workers)
+        valid = _valid_score(args, spec, checkpoint, cache_dir, num_workers) if keep_checkpoint == "best" else None
+        if keep_checkpoint == "none":
+            Path(checkpoint).unlink(missing_ok=True)
+            mmsa_compat.logger.info(f"{checkpoint} deleted after testing (--keep-checkpoints none)")
     seconds = round(time.time() - start, 2)
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = []
     for rates, metrics in zip(spec.test_rates, results):
         row = dict(zip(KEY_COLUMNS, _key_values(spec, rates, digest)))
         row.update({k: metrics.get(k, math.nan) for k in metric_columns(spec.dataset)})
-        row.update(checkpoint=str(checkpoint), seconds=seconds, finished_at=finished)
+        row.update(checkpoint=str(checkpoint) if keep_checkpoint != "none" else NOT_KEPT, seconds=seconds,
+                   finished_at=finished)
+        if valid is not None:
+            row[VALID_SCORE] = valid
         rows.append(row)
     return rows
+
+
+def incomplete_dir(out_dir: str | Path) -> Path:
+    """The one shared folder of a sweep's derived feature files (incomplete views, normalized copies)."""
+    return Path(out_dir) / ".incomplete"
+
+
+@contextmanager
+def _trial_log(log_file: str | Path | None) -> Iterator[None]:
+    """Sends the lines of MMSA's logger (ours and MMSA's trainers log there) to ``log_file`` while a trial runs."""
+    if log_file is None:
+        yield
+        return
+    Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [pid %(process)d] %(message)s"))
+    logger = mmsa_compat.logger
+    level = logger.level
+    logger.addHandler(handler)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
+def _valid_score(args: dict, spec: TrialSpec, checkpoint: Path, cache_dir: Path, num_workers: int) -> dict:
+    """The trained weights' ``KeyEval`` on the validation split at the training rates (never the test split):
+    what ``--keep-checkpoints best`` compares."""
+    train_args = mmsa_compat._at_missing_rates(args, spec.train_rates, cache_dir)
+    train_args["model_save_path"] = checkpoint
+    loaders = mmsa_compat.checked_data_loader(train_args, num_workers)
+    model = mmsa_compat.AMIO(train_args).to(train_args["device"])
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+    trainer = mmsa_compat.ATIO().getTrain(train_args)
+    key = str(train_args.get("KeyEval", "Loss"))
+    score = trainer.do_test(model, loaders["valid"], mode="VAL")
+    if key not in score:
+        raise KeyError(f"KeyEval='{key}' of {spec.model} is not among its validation results {sorted(score)}")
+    return {"key": key, "value": float(score[key]), "minimize": key in mmsa_compat.MINIMIZED_KEYS}
 
 
 def results_path(out_dir: str | Path, dataset: str) -> Path:
@@ -429,7 +503,7 @@ def _check_line(header: list[str], text: str) -> tuple[str, tuple | None]:
     if key is None:
         return "invalid key fields", None
     for column in header:
-        if column in KEY_COLUMNS or column in ("checkpoint", "finished_at"):
+        if column in KEY_COLUMNS or column in ("checkpoint", "finished_at", LOG_COLUMN):
             if not row[column].strip():
                 return f"empty {column}", key
         elif not _is_number(row[column]):
@@ -573,6 +647,7 @@ class SweepResult:
     auilc: pd.DataFrame
     files: dict[str, Path] = field(default_factory=dict)
     trained: int = 0
+    failed: list[str] = field(default_factory=list)  # tags of the trials that failed in this sweep
 
 
 def sweep_missing_seeds(dataset: str, config_file: str | os.PathLike,
@@ -598,14 +673,26 @@ def sweep(models: str | Sequence[str], dataset: str, config_file: str | Path, *,
           protocol: str = "per-rate", train_rate: float = 0.0, out_dir: str | Path = "saved_results/robustness",
           gpu_ids: Sequence[int] = (), num_workers: int = 0, overrides: dict | None = None, progress: bool = True,
           trial_fn: Callable[..., list[dict[str, Any]]] = run_trial, echo: Callable[[str], None] = print,
-          ) -> SweepResult:
+          executor: str | ExecutorSettings = "local", keep_checkpoints: str = "all") -> SweepResult:
     """Runs every pending trial of a sweep, then writes and prints the tables and the plot. Every setting is
-    checked before anything is trained (``check_settings``); damaged lines of the results file are moved aside and
-    their trials run again (``repair_results``)."""
+    checked before anything is trained (``check_settings``, the executor's options, and for ``run_trial`` each
+    model's config with ``overrides``); damaged lines of the results file are moved aside and their trials run
+    again (``repair_results``).
+
+    ``executor``: 'local' (serial, in this process), 'ray', or an ``ExecutorSettings`` (Ray's address, CPUs and
+    GPUs per trial, retries). Whatever runs the trials, this process alone writes the results file, one trial's
+    rows the moment it ends; a trial that fails after its retries is recorded in ``failures_<dataset>.jsonl`` and
+    named in the summary (``SweepResult.failed``), and runs again in the next sweep on this folder.
+    ``keep_checkpoints``: 'all', 'best' (per model, configuration, protocol and training rates, only the weights
+    of the seed with the best validation score; ``checkpoints/kept.json`` names them) or 'none'."""
     models = [models] if isinstance(models, str) else list(models)
     dataset = dataset.lower()
     settings, seeds, protocol, train_rate = check_settings(dataset, rates=rates, modality_rates=modality_rates,
                                                            seeds=seeds, protocol=protocol, train_rate=train_rate)
+    runner = (executor if isinstance(executor, ExecutorSettings) else ExecutorSettings(kind=executor)).check()
+    if keep_checkpoints not in KEEP_CHECKPOINTS:
+        raise ValueError(f"--keep-checkpoints/keep_checkpoints={keep_checkpoints!r} is not one of "
+                         f"{', '.join(KEEP_CHECKPOINTS)}")
     out_dir = Path(out_dir)
     csv_path = results_path(out_dir, dataset)
     from .normalize import sweep_normalization
@@ -621,21 +708,163 @@ def sweep(models: str | Sequence[str], dataset: str, config_file: str | Path, *,
     trials = plan_trials(models, dataset, settings, seeds, protocol=protocol, train_rate=train_rate)
     done = repair_results(csv_path)
     pending = [t for t in trials if not set(_row_keys(t, digests[t.model])) <= done]
-    echo(f"{len(trials)} trials, {len(trials) - len(pending)} already in {csv_path}, {len(pending)} to run")
-    with tqdm(pending, desc=f"robustness {dataset}", unit="trial", disable=not progress or not pending) as bar:
-        for spec in bar:
-            rows = trial_fn(spec, config_file, out_dir=out_dir, gpu_ids=gpu_ids, num_workers=num_workers,
-                            overrides=overrides)
-            wanted = set(_row_keys(spec, digests[spec.model]))
-            got = {_normal_key([row.get(c) for c in KEY_COLUMNS]) for row in rows}
-            if got != wanted or len(rows) != len(wanted):
-                raise ValueError(f"trial {spec.tag} returned rows for other keys than planned (config hash "
-                                 f"{digests[spec.model]}; did the config or the feature file change during the "
-                                 f"sweep?): {sorted(map(str, got))}")
-            append_rows(csv_path, rows)
-            bar.write(f"{spec.tag}: " + ", ".join(f"rate {r['rate_t']:g}/{r['rate_a']:g}/{r['rate_v']:g} MAE "
-                                                  f"{r['MAE']:.4f}" for r in rows))
-    return report(out_dir, dataset, echo=echo, trained=len(pending))
+    echo(f"{len(trials)} trials, {len(trials) - len(pending)} already in {csv_path}, {len(pending)} to run"
+         + (f" on Ray ({runner.cpus_per_trial or 1} CPU, {runner.gpus_per_trial:g} GPU per trial)"
+            if runner.kind == "ray" and pending else ""))
+    if pending and trial_fn is run_trial:
+        for model in models:  # every setting of every model checked before the first trial starts
+            mmsa_compat.trial_args(model, dataset, config_file, overrides=overrides,
+                                   gpu_ids=gpu_ids if runner.kind == "local" else [])
+        prepare_incomplete_views(models, dataset, config_file, pending, overrides, out_dir, echo=echo)
+    with_log = _log_column_wanted(csv_path)
+    if not with_log:
+        echo(f"{csv_path} was written without a '{LOG_COLUMN}' column; the per-trial log files are not named there")
+    kwargs = {"out_dir": out_dir, "gpu_ids": list(gpu_ids) if runner.kind == "local" else [],
+              "num_workers": num_workers, "overrides": overrides}
+    if keep_checkpoints != "all":
+        kwargs["keep_checkpoint"] = keep_checkpoints
+    jobs = [Job(spec.tag, trial_fn, (spec, config_file), {**kwargs, "log_file": str(log_path(out_dir, spec))})
+            for spec in pending]
+    specs = {spec.tag: spec for spec in pending}
+    failures: list[Failure] = []
+    bar = tqdm(total=len(pending), desc=f"robustness {dataset}", unit="trial", disable=not progress or not pending)
+
+    def finished(job: Job, rows: list[dict[str, Any]]) -> None:
+        spec = specs[job.name]
+        valid = [row.pop(VALID_SCORE, None) for row in rows]
+        wanted = set(_row_keys(spec, digests[spec.model]))
+        got = {_normal_key([row.get(c) for c in KEY_COLUMNS]) for row in rows}
+        if got != wanted or len(rows) != len(wanted):
+            raise ValueError(f"trial {spec.tag} returned rows for other keys than planned (config hash "
+                             f"{digests[spec.model]}; did the config or the feature file change during the "
+                             f"sweep?): {sorted(map(str, got))}")
+        if with_log:
+            for row in rows:
+                row[LOG_COLUMN] = job.kwargs["log_file"]
+        if keep_checkpoints == "best":
+            _keep_best(out_dir, spec, digests[spec.model], rows[0]["checkpoint"], valid[0], echo=bar.write)
+        append_rows(csv_path, rows)
+        bar.update()
+        bar.write(f"{spec.tag}: " + ", ".join(f"rate {r['rate_t']:g}/{r['rate_a']:g}/{r['rate_v']:g} MAE "
+                                              f"{r['MAE']:.4f}" for r in rows))
+
+    def failed(failure: Failure) -> None:
+        spec = specs[failure.job.name]
+        record_failure(failures_path(out_dir, dataset), spec, digests[spec.model], failure,
+                       failure.job.kwargs["log_file"])
+        failures.append(failure)
+        bar.update()
+        bar.write(f"{spec.tag}: FAILED after {failure.attempts} "
+                  f"{_plural(failure.attempts, 'attempt', 'attempts')}: {failure.error}")
+
+    with bar:
+        run_jobs(jobs, runner, finished, failed)
+    failed_tags = [f.job.name for f in failures]
+    if failures:
+        echo(f"\n{len(failures)} of {len(pending)} {_plural(len(pending), 'trial', 'trials')} failed (errors in "
+             f"{failures_path(out_dir, dataset)}; they run again in the next sweep on this folder): "
+             + "; ".join(f"{f.job.name}: {f.error}" for f in failures))
+        if read_results(csv_path).empty:
+            raise RuntimeError(f"every trial of the sweep failed; see {failures_path(out_dir, dataset)} and the "
+                               f"logs in {out_dir / 'logs'}")
+    result = report(out_dir, dataset, echo=echo, trained=len(pending) - len(failures))
+    result.failed = failed_tags
+    if failures:
+        echo(f"NOTE: {len(failures)} failed {_plural(len(failures), 'trial is', 'trials are')} missing from these "
+             f"tables: {', '.join(failed_tags)}")
+    return result
+
+
+def log_path(out_dir: str | Path, spec: TrialSpec) -> Path:
+    """One log file per trial (a retried or resumed trial appends to it)."""
+    return Path(out_dir) / "logs" / f"{spec.tag}.log"
+
+
+def failures_path(out_dir: str | Path, dataset: str) -> Path:
+    return Path(out_dir) / f"failures_{dataset}.jsonl"
+
+
+def record_failure(path: Path, spec: TrialSpec, digest: str, failure: Failure, log_file: str) -> None:
+    """Appends one JSON line naming the failed trial, its error and traceback (locked, synced)."""
+    entry = {"trial": spec.tag, "model": spec.model, "dataset": spec.dataset, "protocol": spec.protocol,
+             "seed": spec.seed, "train_rates": list(spec.train_rates), "test_rates": [list(r) for r in spec.test_rates],
+             "config_hash": digest, "attempts": failure.attempts, "error": failure.error,
+             "traceback": failure.details, "log": log_file,
+             "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path, exclusive=True), open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_failures(path: str | Path) -> list[dict[str, Any]]:
+    """The entries of a failures file, oldest first."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _log_column_wanted(csv_path: Path) -> bool:
+    """False for a results file written before rows named their log file: its columns are kept as they are."""
+    if not csv_path.is_file():
+        return True
+    with _locked(csv_path, exclusive=False):
+        header = _scan(csv_path).header
+    return header is None or LOG_COLUMN in header
+
+
+def prepare_incomplete_views(models: Sequence[str], dataset: str, config_file: str | Path,
+                             trials: Sequence[TrialSpec], overrides: dict, out_dir: Path,
+                             echo: Callable[[str], None] = print) -> list[Path]:
+    """Writes, before any trial starts, the derived feature files (``mmsa_emt.missing``) of the models that do not
+    read MMSA's incomplete view themselves, once per (feature file, rates), into the sweep's shared folder; the
+    trials then find them there instead of each writing its own."""
+    written = []
+    for model in models:
+        if mmsa_compat.reads_incomplete_view(model):
+            continue
+        args = mmsa_compat.load_config(model, dataset, config_file)
+        args.update(overrides)
+        needed = sorted({r for t in trials if t.model == model for r in (t.train_rates, *t.test_rates)})
+        for rates in needed:
+            at = mmsa_compat._at_missing_rates(args, rates, incomplete_dir(out_dir))
+            written.append(Path(at["featurePath"]))
+    if written:
+        echo(f"{len(set(written))} incomplete-view feature files ready in {incomplete_dir(out_dir)}")
+    return written
+
+
+def _keep_best(out_dir: Path, spec: TrialSpec, digest: str, checkpoint: str, valid: dict | None, *,
+               echo: Callable[[str], None]) -> None:
+    """``--keep-checkpoints best``: keeps the weights of the seed with the best validation score per (model,
+    configuration, protocol, training rates), deletes the others, and names the kept ones in
+    ``checkpoints/kept.json`` (written atomically before anything is deleted)."""
+    if not valid:
+        raise ValueError(f"trial {spec.tag} returned no validation score; --keep-checkpoints best needs one "
+                         "(run_trial(keep_checkpoint='best') adds it)")
+    kept_file = out_dir / "checkpoints" / "kept.json"
+    kept_file.parent.mkdir(parents=True, exist_ok=True)
+    rates = "-".join(f"{r:g}" for r in spec.train_rates)
+    group = f"{spec.model}|{spec.dataset}|{digest}|{spec.protocol}|train {rates}"
+    with _locked(kept_file, exclusive=True):
+        kept = json.loads(kept_file.read_text(encoding="utf-8")) if kept_file.is_file() else {}
+        best = kept.get(group)
+        if best is None or best["checkpoint"] == checkpoint:  # the first, or the same trial run again
+            better = True
+        else:
+            better = valid["value"] < best["valid"] if valid["minimize"] else valid["value"] > best["valid"]
+        if better:
+            kept[group] = {"checkpoint": checkpoint, "trial": spec.tag, "KeyEval": valid["key"],
+                           "valid": valid["value"]}
+            _write_atomically(kept_file, json.dumps(kept, indent=1, sort_keys=True) + "\n")
+            loser = best["checkpoint"] if best is not None and best["checkpoint"] != checkpoint else None
+        else:
+            loser = checkpoint
+        if loser:
+            Path(loser).unlink(missing_ok=True)
+            echo(f"{group}: deleted {loser} (its valid {valid['key']} is not the best of the seeds)")
 
 
 def summarize(frame: pd.DataFrame, dataset: str) -> pd.DataFrame:

@@ -67,3 +67,28 @@ def test_incomplete_view_file_is_written_once(feature_file, tmp_path):
     assert again == first and again.stat().st_mtime_ns == stamp
     other = incomplete_view_file(feature_file, (0.4, 0.4, 0.4), (111, 1111, 11111), tmp_path)
     assert other != first and not list(tmp_path.glob("*.partial"))
+
+
+def test_writers_of_the_same_incomplete_view_do_not_clash(feature_file, tmp_path, monkeypatch):
+    """A second writer of the same file finishing while the first is still writing (two trials, or two sweeps,
+    at once): each writes its own temporary file, so both end well and the file holds the whole incomplete view."""
+    from mmsa_emt import missing
+
+    real, cache = missing.drop_features, tmp_path / "cache"
+    nested: list = []
+
+    def drop_then_let_another_writer_finish(data, rates, seeds):
+        if not nested:
+            nested.append(None)
+            nested[0] = incomplete_view_file(feature_file, (0.5,) * 3, (1, 2, 3), cache)
+        return real(data, rates, seeds)
+
+    monkeypatch.setattr(missing, "drop_features", drop_then_let_another_writer_finish)
+    target = incomplete_view_file(feature_file, (0.5,) * 3, (1, 2, 3), cache)
+    assert nested == [target]
+    with open(feature_file, "rb") as f:
+        expected = real(pickle.load(f), (0.5,) * 3, (1, 2, 3))
+    with open(target, "rb") as f:
+        written = pickle.load(f)
+    np.testing.assert_array_equal(written["train"]["audio"], expected["train"]["audio"])
+    assert [p.name for p in cache.iterdir()] == [target.name]  # no temporary file left behind
