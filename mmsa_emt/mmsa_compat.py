@@ -30,7 +30,7 @@ from .mmsa.mends import encoder_width  # noqa: F401
 from .mmsa.models import AMIO, ATIO, CheckpointError, load_weights  # noqa: F401
 from .mmsa.patches import PATCHES, register  # noqa: F401
 from .mmsa.results import append_results  # noqa: F401
-from .mmsa.trainer import MINIMIZED_KEYS, EMTDLFRTrainer, _checkpoint_path  # noqa: F401
+from .mmsa.trainer import MINIMIZED_KEYS, EMTDLFRTrainer, _checkpoint_path, logger  # noqa: F401
 from .mmsa.trials import (  # noqa: F401
     NATIVE_MISSING,
     _at_missing_rates,

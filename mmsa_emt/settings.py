@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
 import numbers
 import os
@@ -615,10 +616,23 @@ def _check_ours(args: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- GPU choice
+class _MMSADefaultGpuIds(list):
+    """``MMSA_run``'s own default ``gpu_ids`` ([0]): a list equal to [0] that ``checked_assign_gpu`` tells apart,
+    by identity, from a ``[0]`` the user wrote."""
+
+
+MMSA_DEFAULT_GPU_IDS = _MMSADefaultGpuIds([0])  # put in MMSA_run's defaults by mmsa_emt.mmsa.patches
+
+
 def checked_assign_gpu(gpu_ids: Sequence[int]) -> torch.device:
     """MMSA's ``assign_gpu``, which quietly runs on the CPU when the GPU asked for is not there: here an explicit
     ``gpu_ids`` naming a GPU this machine does not have is an error. ``gpu_ids=[]`` still asks for the automatic
-    choice (the GPU with the most free memory, or the CPU without one)."""
+    choice (the GPU with the most free memory, or the CPU without one); ``gpu_ids`` left at ``MMSA_run``'s default
+    is GPU 0 where CUDA is available and the CPU elsewhere, as MMSA does, and the log says which."""
+    if gpu_ids is MMSA_DEFAULT_GPU_IDS:
+        device = _mmsa_assign_gpu([0] if torch.cuda.is_available() else [])
+        logging.getLogger("MMSA").info(f"gpu_ids not given: running on {device}")
+        return device
     ids = list(gpu_ids)
     if not ids:
         return _mmsa_assign_gpu(ids)

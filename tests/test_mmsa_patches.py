@@ -27,6 +27,7 @@ from MMSA.trains.ATIO import ATIO as MMSA_ATIO
 from MMSA.utils import MetricsTop
 
 import mmsa_emt
+from mmsa_emt import settings
 from mmsa_emt.mmsa import data as mmsa_data
 from mmsa_emt.mmsa import inference, patches
 from mmsa_emt.mmsa.config import load_config
@@ -123,6 +124,22 @@ def test_mmsa_assign_gpu_falls_back_to_the_cpu(monkeypatch):
     assert MMSA.utils.assign_gpu([3]) == torch.device("cpu")  # asked for GPU 3, quietly given the CPU
     with pytest.raises(SettingError, match=r"gpu_ids=\[3\]"):
         mmsa_run.assign_gpu([3])
+
+
+def test_mmsa_run_defaults_to_gpu_0(monkeypatch, caplog):
+    """MMSA_run's gpu_ids defaults to [0]; a user who gives none on a machine without CUDA gets the CPU, as with
+    MMSA, while an explicit [0] there is an error."""
+    from mmsa_emt.mmsa.patches import _ORIGINAL_RUN_DEFAULTS
+
+    gpu_default = inspect.signature(MMSA.run.MMSA_run).parameters["gpu_ids"].default
+    assert [0] in _ORIGINAL_RUN_DEFAULTS and gpu_default == [0]
+    assert gpu_default is settings.MMSA_DEFAULT_GPU_IDS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("INFO", logger="MMSA"):
+        assert mmsa_run.assign_gpu(gpu_default) == torch.device("cpu")
+    assert "gpu_ids not given: running on cpu" in caplog.text
+    with pytest.raises(SettingError, match=r"gpu_ids=\[0\]"):
+        mmsa_run.assign_gpu([0])
 
 
 def test_mmsa_sets_the_device_and_loads_through_torch(tmp_path):

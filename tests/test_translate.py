@@ -10,7 +10,7 @@ from conftest import REPO
 
 from mmsa_emt.dlfr import LossWeights
 from mmsa_emt.fast import SpeedConfig
-from mmsa_emt.mmsa.config import ARGS_FIELDS, DERIVED_FIELDS, translate
+from mmsa_emt.mmsa.config import ARGS_FIELDS, CHECKPOINT_FIELDS, DERIVED_FIELDS, translate
 from mmsa_emt.mmsa.run_config import RunConfig, TrainingConfig
 from mmsa_emt.mmsa.trials import trial_args
 from mmsa_emt.model import EMTDLFRConfig
@@ -48,7 +48,7 @@ def test_every_field_is_read_from_a_setting():
     """A new field of a config dataclass needs its key in the table and in ARGS_FIELDS (or DERIVED_FIELDS)."""
     for config in CONFIGS:
         mapped = {name for owner, name in ARGS_FIELDS.values() if owner is config}
-        derived = set(DERIVED_FIELDS) if config is EMTDLFRConfig else set()
+        derived = {*DERIVED_FIELDS, *CHECKPOINT_FIELDS} if config is EMTDLFRConfig else set()
         assert {f.name for f in fields(config)} == mapped | derived, config.__name__
     assert all(key in SETTINGS for key in ARGS_FIELDS)
     assert all(key in SETTINGS for keys in DERIVED_FIELDS.values() for key in keys)

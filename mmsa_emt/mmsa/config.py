@@ -53,6 +53,7 @@ ARGS_FIELDS: dict[str, tuple[type, str]] = {
     "authors_training": (TrainingConfig, "authors_training"), "verbose_level": (TrainingConfig, "verbose_level"),
 }
 # fields filled from several keys or from part of one: EMTDLFRConfig field -> MMSA's keys
+CHECKPOINT_FIELDS = ("encoder_config",)  # EMTDLFRConfig fields a checkpoint sets, never MMSA's args
 DERIVED_FIELDS: dict[str, tuple[str, ...]] = {
     "audio_dim": ("feature_dims",), "vision_dim": ("feature_dims",),  # feature_dims[1], feature_dims[2]
     "predictor_dims": ("gmc_tokens_pred_dim", "text_pred_dim", "audio_pred_dim", "video_pred_dim"),

@@ -118,7 +118,7 @@ def save_results(out: str | os.PathLike, results: Mapping[str, float], *, checkp
         [missing_rate] * 3 if missing_rate is not None else None)
     row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "checkpoint": str(checkpoint),
            "Model": display_name(str(args["model_name"])), "dataset": str(args["dataset_name"]), "split": split,
-           "missing_rate": json.dumps(rates), "config": str(args.get("config_file", "")), **results}
+           "missing_rate": json.dumps(rates), "config": str(args.get("config_file") or ""), **results}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     append_results(out, pd.DataFrame([row]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import importlib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,21 @@ def _get_metics(self: MetricsTop, dataset_name: str):
     return extra if extra is not None else _ORIGINAL_GET_METICS(self, dataset_name)
 
 
+def _defaults_marking_gpu_ids(function: Any) -> tuple:
+    """``function.__defaults__`` with the default of ``gpu_ids`` replaced by ``settings.MMSA_DEFAULT_GPU_IDS`` (equal
+    to MMSA's [0]), so that ``checked_assign_gpu`` knows the user gave none."""
+    positional = [p for p in inspect.signature(function).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is not p.empty]
+    names = [p.name for p in positional]
+    defaults = list(function.__defaults__ or ())
+    if "gpu_ids" in names and defaults[names.index("gpu_ids")] == [0]:
+        defaults[names.index("gpu_ids")] = settings.MMSA_DEFAULT_GPU_IDS
+    return tuple(defaults)
+
+
+_ORIGINAL_RUN_DEFAULTS = mmsa_run.MMSA_run.__defaults__
+_RUN_DEFAULTS = _defaults_marking_gpu_ids(mmsa_run.MMSA_run)
+
 # ----------------------------------------------------------------------------------------------- the table
 REPLACED, EXTENDED, SCOPED = "replaced", "extended", "scoped"  # how a patch changes its target
 
@@ -124,6 +140,9 @@ PATCHES: tuple[Patch, ...] = (
           "test_mmsa_config_readers_leave_paths_relative"),
     Patch("MMSA.run.assign_gpu", REPLACED, settings.checked_assign_gpu, "a GPU asked for and absent is an error "
           "(MMSA quietly runs on the CPU)", "test_mmsa_assign_gpu_falls_back_to_the_cpu"),
+    Patch("MMSA.run.MMSA_run.__defaults__", REPLACED, _RUN_DEFAULTS, "`gpu_ids` left at MMSA_run's default [0] "
+          "is told apart from a `[0]` the user wrote: GPU 0 where CUDA is available, else the CPU, as MMSA does "
+          "(an explicit absent GPU is an error)", "test_mmsa_run_defaults_to_gpu_0"),
     Patch("MMSA.run.torch", REPLACED, _TORCH, "`torch.cuda.set_device` is a no-op on the CPU (MMSA calls it "
           "unconditionally); `torch.load` names an empty, truncated or foreign weights file",
           "test_mmsa_sets_the_device_and_loads_through_torch"),
