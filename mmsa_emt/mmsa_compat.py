@@ -1,5 +1,7 @@
 """The earlier name of ``mmsa_emt.mmsa``, the subpackage that knows MMSA: its names, re-exported for old imports."""
 
+from MMSA.utils import setup_seed  # noqa: F401
+
 from .mmsa.config import (  # noqa: F401
     _config_regression,
     _config_tune,
@@ -18,6 +20,7 @@ from .mmsa.data import (  # noqa: F401
     MMSA_DATASETS,
     MMSA_UNK_ID,
     SIMS_LABEL_KEYS,
+    _Batches,
     _MMDataset,
     _mmsa_data_loader,
     batch_from_mmsa,
