@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +23,29 @@ from mmsa_emt.atomic import atomic_file, write_text
 
 def mode_of(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
+
+
+def race(write: Callable[[Any], None], values: list[Any], rounds: int = 5) -> list[BaseException]:
+    """Runs ``write(value)`` for each value on its own thread, ``rounds`` times, each round started together;
+    returns the errors raised."""
+    barrier = threading.Barrier(len(values), timeout=30)
+    errors: list[BaseException] = []
+
+    def writer(value: Any) -> None:
+        try:
+            for _ in range(rounds):
+                barrier.wait()
+                write(value)
+        except BaseException as error:
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=writer, args=(value,)) for value in values]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return errors
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()])
@@ -55,25 +80,13 @@ def test_a_killed_writer_leaves_the_old_file_whole(tmp_path):
 def test_two_writers_leave_one_whole_file(tmp_path):
     path = tmp_path / "shared.pkl"
     contents = [bytes([i]) * (1 << 20) for i in (1, 2)]
-    barrier = threading.Barrier(2)
-    errors: list[BaseException] = []
 
-    def writer(data: bytes) -> None:
-        try:
-            for _ in range(5):
-                barrier.wait()
-                with atomic_file(path, "wb") as handle:
-                    for start in range(0, len(data), 1 << 16):  # in pieces, so the two writes interleave
-                        handle.write(data[start:start + (1 << 16)])
-        except BaseException as error:
-            errors.append(error)
+    def write(data: bytes) -> None:
+        with atomic_file(path, "wb") as handle:
+            for start in range(0, len(data), 1 << 16):  # in pieces, so the two writes interleave
+                handle.write(data[start:start + (1 << 16)])
 
-    threads = [threading.Thread(target=writer, args=(data,)) for data in contents]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not errors
+    assert not race(write, contents)
     assert path.read_bytes() in contents
     assert [p.name for p in tmp_path.iterdir()] == ["shared.pkl"]
 
@@ -122,24 +135,7 @@ def test_two_writers_of_one_checkpoint_leave_one_whole_file(tmp_path, monkeypatc
     monkeypatch.setattr(trainer.torch, "save", save_in_pieces)
     path = tmp_path / "best.pth"
     states = [{"w": torch.full((128, 128), float(i))} for i in (1, 2)]
-    barrier = threading.Barrier(2, timeout=30)
-    errors: list[BaseException] = []
-
-    def save(state: dict) -> None:
-        try:
-            for _ in range(5):
-                barrier.wait()
-                trainer.write_atomically(state, path)
-        except BaseException as error:
-            errors.append(error)
-            barrier.abort()
-
-    threads = [threading.Thread(target=save, args=(state,)) for state in states]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors
+    assert not race(lambda state: trainer.write_atomically(state, path), states)
     loaded = torch.load(path)["w"]
     assert loaded.unique().numel() == 1 and float(loaded[0, 0]) in (1.0, 2.0)
     assert [p.name for p in tmp_path.iterdir()] == ["best.pth"]
