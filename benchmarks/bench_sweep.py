@@ -40,8 +40,8 @@ def main() -> None:
 
     import ray
 
-    from mmsa_emt.executors import ExecutorSettings
     from mmsa_emt.robustness import read_results, results_path, sweep
+    from mmsa_emt.robustness.executors import ExecutorSettings
     from mmsa_emt.synthetic import write_dataset, write_tiny_bert
 
     out = Path(args.out)

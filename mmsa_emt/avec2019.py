@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .atomic import atomic_file
 from .synthetic import _load_tokenizer, _token_features
 
 __all__ = [
@@ -623,17 +624,10 @@ def convert(
             "classification_labels": np.array([s.binary for s in part], dtype=np.float32),
         }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump(data, f, protocol=4)
+    with atomic_file(out, "wb") as f:
+        pickle.dump(data, f, protocol=4)
         if out.exists() and not overwrite:  # appeared while we were working
             raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     listed = set(seen)
     return ConversionSummary(
         kept={split: len(data[split]["id"]) for split in SPLITS}, skipped=skipped, path=out,

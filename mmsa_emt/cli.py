@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 if TYPE_CHECKING:
-    from .executors import ExecutorSettings
+    from .robustness.executors import ExecutorSettings
 
 BERT_BASE_VOCAB = {"bert-base-uncased": 30522, "bert-base-chinese": 21128}
 FEATURE_DIMS = {"mosi": [768, 5, 20], "mosei": [768, 74, 35], "sims": [768, 33, 709]}  # MMSA's feature files
@@ -218,7 +218,7 @@ def add_run_commands(commands: Any) -> dict[str, Callable[[argparse.Namespace, a
 
 
 def add_executor_options(parser: argparse.ArgumentParser) -> None:
-    """The options saying where trials run (``mmsa_emt.executors.ExecutorSettings``)."""
+    """The options saying where trials run (``mmsa_emt.robustness.executors.ExecutorSettings``)."""
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="local: one trial after another in this process (default); ray: Ray tasks on this "
                              'machine or a cluster (pip install -e ".[ray]")')
@@ -237,7 +237,7 @@ def add_executor_options(parser: argparse.ArgumentParser) -> None:
 
 def executor_settings(args: argparse.Namespace) -> ExecutorSettings:
     """The checked ``ExecutorSettings`` of parsed options (a ValueError names the option at fault)."""
-    from .executors import ExecutorSettings, RayMissingError
+    from .robustness.executors import ExecutorSettings, RayMissingError
 
     try:
         return ExecutorSettings(kind=args.executor, address=args.address, cpus_per_trial=args.cpus_per_trial,

@@ -10,14 +10,14 @@ are applied to ``text_bert`` (ids -> [UNK]), ``text`` (token features -> zeros),
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .atomic import atomic_file
 
 UNK_ID = 100
 MODALITY_KEYS = ("text", "audio", "vision")
@@ -78,17 +78,7 @@ def incomplete_view_file(source: str | Path, rates: Sequence[float], seeds: Sequ
     if not target.exists():
         with open(source, "rb") as f:
             data = pickle.load(f)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # a unique temporary name per writer, renamed into place: processes writing the same file at once never
-        # write into one another's bytes, and no half-written file ever carries the final name
-        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=".partial")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(drop_features(data, rates, seeds), f, protocol=4)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, target)
-        except BaseException:
-            Path(partial).unlink(missing_ok=True)
-            raise
+        # processes writing the same file at once never write into one another's bytes (``atomic_file``)
+        with atomic_file(target, "wb") as f:
+            pickle.dump(drop_features(data, rates, seeds), f, protocol=4)
     return target

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_file
 from .data_check import SPLITS, FeatureFileError, load_feature_file
 
 __all__ = ["DEFAULT_MODALITIES", "EPS", "SETTING", "STATS_SPLIT", "NormalizationReport", "normalize_features",
@@ -176,17 +176,8 @@ def normalize_features(data: Mapping[str, Any], modalities: Sequence[str] = DEFA
 def _write_atomically(content: Any, target: Path) -> None:
     """Pickles ``content`` to a temporary file beside ``target``, then renames it: a reader never sees a partial
     file, and two writers of the same content leave one whole file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            pickle.dump(content, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_file(target, "wb") as f:
+        pickle.dump(content, f, protocol=4)
 
 
 def normalize_file(source: str | os.PathLike[str], target: str | os.PathLike[str],
@@ -239,6 +230,6 @@ def sweep_normalization(dataset: str, config_file: str | os.PathLike[str],
     raw = json.loads(Path(config_file).read_text(encoding="utf-8"))
     if dataset not in raw.get("emt-dlfr", {}).get("datasetParams", {}):
         return False
-    from .mmsa_compat import load_config  # here: mmsa_compat imports this module
+    from .mmsa.config import load_config  # here: mmsa.data imports this module
 
     return normalize_setting(load_config("emt-dlfr", dataset, config_file))

@@ -82,9 +82,8 @@ def check_overrides(model: str, dataset: str, config_file: str | Path, overrides
     from easydict import EasyDict
 
     from . import settings
+    from .mmsa.config import check_args, load_config, trial_args
     from .mmsa.config import is_ours as _is_ours
-    from .mmsa.config import load_config
-    from .mmsa.trials import check_args, trial_args
 
     base = load_config(model, dataset, config_file, tune=tune)
     if not _is_ours(base):
@@ -142,7 +141,7 @@ def model_names() -> tuple[list[str], list[str]]:
     """(mmsa-emt's models, MMSA's models) by their display names."""
     import MMSA.run as mmsa_run
 
-    from .mmsa.trials import display_name
+    from .mmsa.models import display_name
     from .registry import list_models
 
     ours = [display_name(m) for m in list_models()]

@@ -1,7 +1,7 @@
 """Training loop for EMT-DLFR: optimizer groups, one epoch, evaluation, early stopping with best-weight saving.
 
 Framework-free: batches arrive as ``TwoViewBatch`` and metrics through a callable, so MMSA's trainer interface
-(``mmsa_compat.EMTDLFRTrainer``) and plain scripts both sit on top of it.
+(``mmsa_emt.mmsa.trainer.EMTDLFRTrainer``) and plain scripts both sit on top of it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .atomic import atomic_file
 from .checkpoint import package, state_dict_of
 from .dlfr import DLFR, LossOutput, LossWeights, TwoViewBatch, compute_loss
 from .fast import SpeedConfig, auto_precision, compile_model  # noqa: F401  (the seam; re-exported)
@@ -217,13 +218,10 @@ def save_weights(model: torch.nn.Module, path: Path, *, prefix: str = "") -> Non
 def write_atomically(state: Mapping[str, Any], path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then renamed over it: an interrupted or failed write
     leaves the previous checkpoint whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     try:
-        torch.save(state, partial)
-        os.replace(partial, path)
+        with atomic_file(path, "wb") as f:
+            torch.save(state, f)
     except (OSError, RuntimeError) as error:
-        partial.unlink(missing_ok=True)
         raise OSError(f"could not write the checkpoint {path} ({error}); the previous one, if any, is "
                       "unchanged") from error
 

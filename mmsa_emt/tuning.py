@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,12 +22,17 @@ from typing import Any
 
 import torch
 from easydict import EasyDict
+from MMSA.utils import setup_seed
 
-from . import mmsa_compat
-from .executors import ExecutorSettings, Failure, Job, limit_threads, require_ray, run_jobs
+from .mmsa.config import check_args, is_ours, load_config, optim_config_from_args
+from .mmsa.data import _Batches, checked_data_loader
+from .mmsa.models import AMIO, ATIO, display_name
+from .mmsa.trainer import MINIMIZED_KEYS
 from .registry import canonical_name
+from .robustness.executors import ExecutorSettings, Failure, Job, limit_threads, require_ray, run_jobs
 from .trainer import build_optimizer, fit
 
+logger = logging.getLogger("MMSA")  # MMSA's logger, as for MMSA_run's own runs
 SCHEDULERS = ("fifo", "asha")
 SCORE = "valid_score"  # the validation KeyEval, as reported to Tune after every epoch
 
@@ -73,7 +79,7 @@ def search_space(model: str, dataset: str, config_file: str | Path, space_file: 
         if not isinstance(choices, list) or not choices:
             raise ValueError(f"{where}: '{key}' must map to a non-empty list of choices, got {choices!r}")
         for choice in choices:
-            mmsa_compat.check_args(EasyDict({**base, key: choice}))
+            check_args(EasyDict({**base, key: choice}))
     return space
 
 
@@ -82,8 +88,8 @@ def base_args(model: str, dataset: str, config_file: str | Path, overrides: dict
     MMSA's reader draws a random choice for every ``debugParams`` key; here those keys take their fixed value from
     ``commonParams``/``datasetParams`` instead (a trial then sets the keys of its search space), so that keys left
     out of a ``--space`` file do not change from one trial to the next."""
-    args = mmsa_compat.load_config(model, dataset, config_file, tune=True)
-    if not mmsa_compat._is_ours(args):
+    args = load_config(model, dataset, config_file, tune=True)
+    if not is_ours(args):
         raise ValueError(f"tune searches mmsa-emt's models (EMT-DLFR); for MMSA's '{model}' use "
                          "MMSA_run(..., is_tune=True), which ranks its trials on the test split")
     entry = json.loads(Path(config_file).read_text(encoding="utf-8"))[canonical_name(model) or model.lower()]
@@ -95,7 +101,7 @@ def base_args(model: str, dataset: str, config_file: str | Path, overrides: dict
             args.pop(key, None)  # the search space sets it (search_space checks that it does)
     args.update(overrides or {})
     args.update(train_mode="regression", custom_feature=None, feature_T=None, feature_A=None, feature_V=None)
-    mmsa_compat.check_args(args)
+    check_args(args)
     return args
 
 
@@ -106,11 +112,10 @@ def _sampled_keys(model: str, config_file: str | Path) -> list[str]:
 
 def _trial_model(args: EasyDict, seed: int, num_workers: int) -> tuple[Any, Any, dict]:
     """Seeds, then builds the loaders, the model and our trainer, as MMSA's ``_run`` does."""
-    setup_seed = mmsa_compat.setup_seed
     setup_seed(seed)
-    loaders = mmsa_compat.checked_data_loader(args, num_workers)
-    model = mmsa_compat.AMIO(args).to(args["device"])
-    return model, mmsa_compat.ATIO().getTrain(args), loaders
+    loaders = checked_data_loader(args, num_workers)
+    model = AMIO(args).to(args["device"])
+    return model, ATIO().getTrain(args), loaders
 
 
 def train_trial(config: dict[str, Any], *, base: dict, out_dir: str, seed: int, num_workers: int,
@@ -128,13 +133,13 @@ def train_trial(config: dict[str, Any], *, base: dict, out_dir: str, seed: int, 
     args = EasyDict(copy.deepcopy(base))
     args.update(config)
     args["device"] = torch.device(device)
-    mmsa_compat.check_args(args)
+    check_args(args)
     save_path = Path(out_dir) / "trials" / f"{trial_id}.pth"
     save_path.parent.mkdir(parents=True, exist_ok=True)
     args["model_save_path"] = save_path
     model, trainer, loaders = _trial_model(args, seed, num_workers)
     key = trainer.key_metric
-    minimize = key in mmsa_compat.MINIMIZED_KEYS
+    minimize = key in MINIMIZED_KEYS
 
     def on_epoch_end(epoch: int, train: dict[str, float], valid: dict[str, float]) -> None:
         report({SCORE: float(valid[key]), "epoch": epoch, "checkpoint": str(save_path),
@@ -142,12 +147,12 @@ def train_trial(config: dict[str, Any], *, base: dict, out_dir: str, seed: int, 
 
     net = model.Model
     trainer.speed.prepare_model(net)
-    result = fit(net, mmsa_compat._Batches(loaders["train"]), mmsa_compat._Batches(loaders["valid"]),
-                 optimizer=build_optimizer(net, mmsa_compat.optim_config_from_args(args)), weights=trainer.weights,
+    result = fit(net, _Batches(loaders["train"]), _Batches(loaders["valid"]),
+                 optimizer=build_optimizer(net, optim_config_from_args(args)), weights=trainer.weights,
                  metric_fn=trainer.metrics, key_metric=key, minimize=minimize,
                  early_stop=int(args.get("early_stop", 8)), max_epochs=args.get("max_epochs"),
                  update_every=int(args.get("update_epochs", 1)), save_path=save_path, checkpoint_prefix="Model.",
-                 device=trainer.device, progress=False, logger=mmsa_compat.logger, on_epoch_end=on_epoch_end,
+                 device=trainer.device, progress=False, logger=logger, on_epoch_end=on_epoch_end,
                  speed=trainer.speed, last_partial_group="drop" if trainer.authors_training else "step")
     return {SCORE: float(result.best_value), "checkpoint": str(save_path)}
 
@@ -185,9 +190,9 @@ def tune_model(model: str, dataset: str, config_file: str | Path, *, trials: int
     base = base_args(model, dataset, config_file, overrides)
     space = search_space(model, dataset, config_file, space_file)
     key = str(base.get("KeyEval", "Loss"))
-    mode = "min" if key in mmsa_compat.MINIMIZED_KEYS else "max"
+    mode = "min" if key in MINIMIZED_KEYS else "max"
     out_dir = Path(out_dir).resolve()
-    name = f"{mmsa_compat.display_name(model)}-{dataset.lower()}"
+    name = f"{display_name(model)}-{dataset.lower()}"
     _check_same_search(out_dir / "tune_settings.json", {
         "model": name, "space": space, "trials": trials, "seed": seed, "scheduler": scheduler,
         "base": {k: v for k, v in base.items() if k not in ("device", "config_file", "feature_hint")}})

@@ -65,9 +65,9 @@ def test_robustness_sweep_on_avec2019(avec_config, tmp_path):
 
 def test_ccc_in_results_matches_a_hand_computation(avec_config, tmp_path):
     """The trainer's CCC on the test set equals Lin's formula applied to its own predictions."""
+    from mmsa_emt.mmsa.config import trial_args
     from mmsa_emt.mmsa.data import checked_data_loader
     from mmsa_emt.mmsa.trainer import EMTDLFRTrainer
-    from mmsa_emt.mmsa.trials import trial_args
 
     args = trial_args("EMT-DLFR", "avec2019", avec_config)
     args["model_save_path"] = tmp_path / "m.pth"

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmsa_emt import mmsa_compat, robustness
+from mmsa_emt import robustness
 from mmsa_emt.cli import main
-from mmsa_emt.executors import ExecutorSettings, RayMissingError
 from mmsa_emt.robustness import KEY_COLUMNS, config_hash, read_failures, read_results, results_path, sweep
+from mmsa_emt.robustness.executors import ExecutorSettings, RayMissingError
 
 QUIET = {"progress": False, "echo": lambda _: None}
 
@@ -87,13 +87,13 @@ def test_incomplete_views_are_written_before_the_first_trial(workspace, tmp_path
     (trials on several workers then only read them), and each row names its own log file."""
     config = workspace("mosi", scale=0.03)
     ready_at_start = []
-    real = mmsa_compat.run_missing_trial
+    real = robustness.trial.run_missing_trial
 
     def noting(args, *, cache_dir, **kwargs):
         ready_at_start.append(sorted(p.name for p in Path(cache_dir).glob("*-missing*.pkl")))
         return real(args, cache_dir=cache_dir, **kwargs)
 
-    monkeypatch.setattr(mmsa_compat, "run_missing_trial", noting)
+    monkeypatch.setattr(robustness.trial, "run_missing_trial", noting)
     sweep("TFN", "mosi", config, rates=[0.0, 1.0], seeds=[1], out_dir=tmp_path, keep_checkpoints="none",
           overrides={"max_epochs": 1, "early_stop": 1}, **QUIET)
     assert len(ready_at_start) == 2 and len(ready_at_start[0]) == 2 and ready_at_start[0] == ready_at_start[1]

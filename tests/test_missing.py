@@ -66,7 +66,7 @@ def test_incomplete_view_file_is_written_once(feature_file, tmp_path):
     again = incomplete_view_file(feature_file, (0.2, 0.2, 0.2), (111, 1111, 11111), tmp_path)
     assert again == first and again.stat().st_mtime_ns == stamp
     other = incomplete_view_file(feature_file, (0.4, 0.4, 0.4), (111, 1111, 11111), tmp_path)
-    assert other != first and not list(tmp_path.glob("*.partial"))
+    assert other != first and not list(tmp_path.glob("*.tmp"))
 
 
 def test_writers_of_the_same_incomplete_view_do_not_clash(feature_file, tmp_path, monkeypatch):

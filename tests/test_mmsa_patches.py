@@ -30,11 +30,10 @@ import mmsa_emt
 from mmsa_emt import settings
 from mmsa_emt.mmsa import data as mmsa_data
 from mmsa_emt.mmsa import inference, patches
-from mmsa_emt.mmsa.config import load_config
+from mmsa_emt.mmsa.config import load_config, trial_args
 from mmsa_emt.mmsa.models import CheckpointError
 from mmsa_emt.mmsa.patches import EXTENDED, PATCHES, REPLACED, SCOPED, current
 from mmsa_emt.mmsa.results import _ResultsRows
-from mmsa_emt.mmsa.trials import trial_args
 from mmsa_emt.settings import SettingError
 
 

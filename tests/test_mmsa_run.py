@@ -155,8 +155,8 @@ def test_feature_file_is_read_once_per_loader(workspace, monkeypatch):
 
     import MMSA.data_loader as mmsa_data_loader
 
+    from mmsa_emt.mmsa.config import trial_args
     from mmsa_emt.mmsa.data import _mmsa_data_loader, checked_data_loader, checked_test_loader
-    from mmsa_emt.mmsa.trials import trial_args
 
     args = trial_args("EMT-DLFR", "mosi", workspace("mosi"))
     feature_file = os.path.realpath(args["featurePath"])
@@ -188,12 +188,12 @@ def test_test_loaders_at_several_rates_share_one_read(workspace, monkeypatch):
     content)."""
     import os
 
-    from mmsa_emt.mmsa.data import checked_test_loader, checked_test_loaders
-    from mmsa_emt.mmsa.trials import _at_missing_rates, trial_args
+    from mmsa_emt.mmsa.config import trial_args
+    from mmsa_emt.mmsa.data import at_missing_rates, checked_test_loader, checked_test_loaders
 
     args = trial_args("EMT-DLFR", "mosi", workspace("mosi"))
     feature_file = os.path.realpath(args["featurePath"])
-    at_rates = [_at_missing_rates(args, rates, Path("unused")) for rates in ([0.2] * 3, [0.7] * 3, [0.0, 0.5, 1.0])]
+    at_rates = [at_missing_rates(args, rates, Path("unused")) for rates in ([0.2] * 3, [0.7] * 3, [0.0, 0.5, 1.0])]
     separate = [checked_test_loader(a, 0).dataset for a in at_rates]
     reads, real_load = [], pickle.load
 

@@ -137,7 +137,7 @@ def test_checkpoint_of_another_configuration_is_refused(saved, tmp_path):
 
 
 def test_checkpoint_of_another_model_is_refused(saved, tmp_path, workspace):
-    from mmsa_emt.mmsa.trials import trial_args
+    from mmsa_emt.mmsa.config import trial_args
 
     args, _, test = saved
     tfn = trial_args("TFN", "mosi", workspace("mosi"))

@@ -17,8 +17,8 @@ from mmsa_emt import robustness
 from mmsa_emt.cli import main
 from mmsa_emt.data_check import FeatureFileError
 from mmsa_emt.missing import drop_features
+from mmsa_emt.mmsa import config as mmsa_config
 from mmsa_emt.mmsa import data as mmsa_data
-from mmsa_emt.mmsa import trials as mmsa_trials
 from mmsa_emt.normalize import normalize_features, sweep_normalization
 from mmsa_emt.robustness import config_hash, sweep
 
@@ -215,7 +215,7 @@ def test_mmsa_run_on_sims_normalizes_once_on_load(workspace, tmp_path, monkeypat
 
 def test_the_setting_off_and_shared_content_normalized_once(workspace, tmp_path):
     config = workspace("sims", scale=0.03)
-    args = mmsa_trials.trial_args("EMT-DLFR", "sims", config, overrides={"normalize_features": False})
+    args = mmsa_config.trial_args("EMT-DLFR", "sims", config, overrides={"normalize_features": False})
     raw = pickle.loads(Path(args["featurePath"]).read_bytes())
     loaders = mmsa_data.checked_data_loader(args, 0)
     np.testing.assert_array_equal(loaders["test"].dataset.audio, raw["test"]["audio"])
@@ -226,7 +226,7 @@ def test_the_setting_off_and_shared_content_normalized_once(workspace, tmp_path)
         loader = mmsa_data.checked_test_loader(args, data=shared)
         np.testing.assert_array_equal(loader.dataset.vision, expected["test"]["vision"])
     np.testing.assert_array_equal(shared["test"]["vision"], raw["test"]["vision"])
-    at = [mmsa_trials._at_missing_rates(args, (r,) * 3, tmp_path / "cache") for r in (0.0, 0.3, 0.6)]
+    at = [mmsa_data.at_missing_rates(args, (r,) * 3, tmp_path / "cache") for r in (0.0, 0.3, 0.6)]
     for loader in mmsa_data.checked_test_loaders(at):
         np.testing.assert_array_equal(loader.dataset.vision, expected["test"]["vision"])  # not normalized twice
     with pytest.raises(ValueError, match="'normalize_features' is 'yes'.*true or false"):
@@ -261,8 +261,8 @@ def test_sweep_gives_every_model_the_same_input(workspace, tmp_path):
     views = {}
     for model in ("EMT-DLFR", "Self_MM"):
         overrides = {"normalize_features": True, "missing_seed": seeds}
-        args = mmsa_trials.trial_args(model, "sims", config, overrides=overrides)
-        views[model] = mmsa_data.checked_data_loader(mmsa_trials._at_missing_rates(args, rates, cache), 0)
+        args = mmsa_config.trial_args(model, "sims", config, overrides=overrides)
+        views[model] = mmsa_data.checked_data_loader(mmsa_data.at_missing_rates(args, rates, cache), 0)
     raw = pickle.loads(Path(args["featurePath"]).read_bytes())
     dropped = drop_features(normalize_features(raw)[0], rates, seeds)
     assert len(list(cache.glob("*-normalized-????????????.pkl"))) == 1  # the baseline's source, once

@@ -14,7 +14,7 @@ from conftest import REPO
 
 import mmsa_emt.configs as configs
 from mmsa_emt.cli import main as cli_main
-from mmsa_emt.mmsa_compat import _config_regression, _config_tune, load_config
+from mmsa_emt.mmsa.config import _config_regression, _config_tune, load_config
 
 REGENERATE = "python -m mmsa_emt write-configs --out config --overwrite"
 PARAM_TOTALS = {"mosi": "111,805,019", "mosei": "111,597,823", "sims": "103,793,240"}  # README's table

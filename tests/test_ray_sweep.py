@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -14,8 +15,8 @@ import pytest
 import torch
 
 from mmsa_emt import robustness
-from mmsa_emt.executors import ExecutorSettings
 from mmsa_emt.robustness import KEY_COLUMNS, TrialSpec, config_hash, read_failures, read_results, results_path, sweep
+from mmsa_emt.robustness.executors import ExecutorSettings
 
 ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[ray]"')
 
@@ -84,7 +85,7 @@ def test_ray_sweep_writes_the_rows_of_the_local_sweep(workspace, tmp_path):
 def test_killed_driver_resumes_without_losing_or_repeating_a_trial(workspace, tmp_path, monkeypatch):
     config = workspace("mosi", scale=0.03)
     out, calls = tmp_path / "out", tmp_path / "calls"
-    real_append, appended = robustness.append_rows, []
+    real_append, appended = robustness.results.append_rows, []
 
     def append_then_die(path, rows):
         real_append(path, rows)
@@ -92,18 +93,18 @@ def test_killed_driver_resumes_without_losing_or_repeating_a_trial(workspace, tm
         if len(appended) == 2:
             raise KeyboardInterrupt  # the driver killed right after its second trial's rows were written
 
-    monkeypatch.setattr(robustness, "append_rows", append_then_die)
+    monkeypatch.setattr(robustness.results, "append_rows", append_then_die)
     with pytest.raises(KeyboardInterrupt):
         sweep("EMT-DLFR", "mosi", config, out_dir=out, executor=ON_RAY, **TUBE,
               trial_fn=functools.partial(fake_trial, calls=calls))
     written = set(read_results(results_path(out, "mosi")).apply(lambda r: f"{r.rate_t:g}-{r.seed}", axis=1))
     assert len(written) == 2
-    monkeypatch.setattr(robustness, "append_rows", real_append)
+    monkeypatch.setattr(robustness.results, "append_rows", real_append)
     resumed = sweep("EMT-DLFR", "mosi", config, out_dir=out, executor=ON_RAY, **TUBE,
                     trial_fn=functools.partial(fake_trial, calls=tmp_path / "calls-resumed"))
     assert resumed.trained == 2
-    rerun = {name.split("-r")[1].split("-")[0] + "-" + name.rsplit("seed", 1)[1]
-             for name in calls_of(tmp_path / "calls-resumed")}
+    tags = [re.search(r"-r([0-9.]+)-[0-9.]+-[0-9.]+-seed(\d+)$", name) for name in calls_of(tmp_path / "calls-resumed")]
+    rerun = {f"{tag[1]}-{tag[2]}" for tag in tags}
     assert rerun.isdisjoint(written) and len(rerun) == 2  # only the two trials not written ran again
     frame = read_results(results_path(out, "mosi"))
     assert len(frame) == 4 and not frame.duplicated(KEY_COLUMNS).any()
@@ -147,4 +148,4 @@ def test_real_trials_on_ray_match_local_and_keep_the_best_checkpoint(workspace, 
     for log in read_results(results_path(tmp_path / "ray", "mosi")).log:
         assert "TFN" in Path(log).read_text() or Path(log).stat().st_size > 0
     incomplete = sorted(p.name for p in (tmp_path / "ray" / ".incomplete").iterdir())
-    assert len([n for n in incomplete if "-missing" in n]) == 2 and not [n for n in incomplete if "partial" in n]
+    assert len([n for n in incomplete if "-missing" in n]) == 2 and not [n for n in incomplete if n.endswith(".tmp")]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmsa_emt.cli import main
-from mmsa_emt.executors import ExecutorSettings
+from mmsa_emt.robustness.executors import ExecutorSettings
 from mmsa_emt.tuning import base_args, evaluate_checkpoint, search_space, tune_model
 
 ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install -e ".[ray]"')

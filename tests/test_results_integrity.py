@@ -87,7 +87,7 @@ def test_concurrent_appends_lose_no_row(tmp_path):
     frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
     assert sorted(frame["Model"]) == sorted(f"m{k}-{j}" for k in range(4) for j in range(5))
     assert set(frame.columns) == {"Model", "MAE", "only0", "only1", "only2", "only3"}
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 @pytest.mark.parametrize("order", [("TFN", "EMT-DLFR"), ("EMT-DLFR", "TFN")])

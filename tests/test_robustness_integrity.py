@@ -82,7 +82,7 @@ def test_numeric_strings_are_converted(workspace, tmp_path):
 
 def test_cli_names_the_option_of_a_bad_training_rate(workspace, tmp_path, capsys, monkeypatch):
     config = workspace("mosi", scale=0.03)
-    monkeypatch.setattr(robustness, "run_trial", lambda *a, **k: pytest.fail("a trial ran"))
+    monkeypatch.setattr(robustness.trial, "run_trial", lambda *a, **k: pytest.fail("a trial ran"))
     with pytest.raises(SystemExit) as exit_info:
         main(["robustness", "--model", "TFN", "--dataset", "mosi", "--config", str(config), "--protocol",
               "train-once", "--train-rate", "1.5", "--out", str(tmp_path / "out")])
@@ -131,11 +131,11 @@ def test_feature_digest_is_cached_by_path_size_and_mtime(workspace, tmp_path, mo
         opened.append(Path(file))
         return open(file, *args, **kwargs)
 
-    monkeypatch.setattr(robustness, "open", counting_open, raising=False)
-    monkeypatch.setattr(robustness, "_DIGESTS", {})
+    monkeypatch.setattr(robustness.digests, "open", counting_open, raising=False)
+    monkeypatch.setattr(robustness.digests, "_DIGESTS", {})
     first = config_hash("EMT-DLFR", "mosi", config, digest_cache=cache)
     assert config_hash("TFN", "mosi", config, digest_cache=cache)  # another model, the same file: in memory
-    monkeypatch.setattr(robustness, "_DIGESTS", {})  # a new process: read from the cache file
+    monkeypatch.setattr(robustness.digests, "_DIGESTS", {})  # a new process: read from the cache file
     assert config_hash("EMT-DLFR", "mosi", config, digest_cache=cache) == first
     assert [p for p in opened if p.name == feature.name] == [feature.resolve()]
     assert str(feature.resolve()) in cache.read_text()
@@ -272,7 +272,7 @@ def test_append_waits_for_the_lock(tmp_path):
     path = tmp_path / "results_mosi.csv"
     row = {**dict(zip(KEY_COLUMNS, ["TFN", "mosi", "per-rate", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1, "abc123abc123"])),
            "MAE": 1.0, "checkpoint": "x.pth", "seconds": 1.0, "finished_at": "t"}
-    with robustness._locked(path, exclusive=True):
+    with robustness.results._locked(path, exclusive=True):
         writer = threading.Thread(target=append_rows, args=(path, [row]))
         writer.start()
         time.sleep(0.3)
@@ -296,13 +296,12 @@ def test_a_trial_returning_other_keys_is_refused(workspace, tmp_path):
 def test_every_model_of_a_sweep_drops_the_same_steps(workspace, tmp_path):
     """MMSA's entries carry missing_seed [1111, 1111, 1111], EMT-DLFR's the authors' [111, 1111, 11111]: a sweep
     gives every model one draw (EMT-DLFR's, or the sweep's own) so their incomplete views are the same."""
-    from mmsa_emt import mmsa_compat
+    from mmsa_emt.mmsa.config import trial_args
 
     config, seen = workspace("mosi", scale=0.03), {}
 
     def trial(spec, config_file, *, out_dir, overrides=None, **kwargs):
-        seen[spec.model] = mmsa_compat.trial_args(spec.model, spec.dataset, config_file,
-                                                  overrides=overrides)["missing_seed"]
+        seen[spec.model] = trial_args(spec.model, spec.dataset, config_file, overrides=overrides)["missing_seed"]
         return fake_trial([])(spec, config_file, out_dir=out_dir, overrides=overrides, **kwargs)
 
     models = ["EMT-DLFR", "TFN", "TFR_Net"]

@@ -13,11 +13,9 @@ from MMSA import MMSA_run
 import mmsa_emt.mmsa.config as mmsa_config
 import mmsa_emt.mmsa.data as mmsa_data
 import mmsa_emt.mmsa.trainer as mmsa_trainer
-import mmsa_emt.mmsa.trials as mmsa_trials
 from mmsa_emt import settings
 from mmsa_emt.cli import parse_overrides
-from mmsa_emt.mmsa.config import load_config, optim_config_from_args
-from mmsa_emt.mmsa.trials import trial_args
+from mmsa_emt.mmsa.config import load_config, optim_config_from_args, trial_args
 from mmsa_emt.settings import SETTINGS, SettingError, check_args, checked_assign_gpu
 
 CONFIGS = [REPO / "config" / "config_regression.json", REPO / "config" / "config_tune.json"]
@@ -122,7 +120,7 @@ def test_numeric_strings_are_converted_before_the_model_sees_them(workspace, tmp
         seen.update(args)
         raise RuntimeError("stop before loading")
 
-    monkeypatch.setattr(mmsa_trials, "checked_data_loader", stop)
+    monkeypatch.setattr(mmsa_data, "checked_data_loader", stop)
     config = workspace()
     with pytest.raises(RuntimeError, match="stop before loading"):
         run(config, tmp_path, config={"batch_size": "8", "learning_rate_other": "1e-3", "missing_rate": "0.5",
@@ -156,7 +154,7 @@ def test_every_shipped_entry_passes_the_check(config_file):
             if args is None:
                 continue
             args.update(device=torch.device("cpu"), train_mode="regression", custom_feature=None, cur_seed=1)
-            mmsa_trials.check_args(args)
+            mmsa_config.check_args(args)
             checked += 1
     assert checked > 40
 

@@ -10,9 +10,8 @@ from conftest import REPO
 
 from mmsa_emt.dlfr import LossWeights
 from mmsa_emt.fast import SpeedConfig
-from mmsa_emt.mmsa.config import ARGS_FIELDS, CHECKPOINT_FIELDS, DERIVED_FIELDS, translate
+from mmsa_emt.mmsa.config import ARGS_FIELDS, CHECKPOINT_FIELDS, DERIVED_FIELDS, translate, trial_args
 from mmsa_emt.mmsa.run_config import RunConfig, TrainingConfig
-from mmsa_emt.mmsa.trials import trial_args
 from mmsa_emt.model import EMTDLFRConfig
 from mmsa_emt.settings import REQUIRED, SETTINGS
 from mmsa_emt.trainer import OptimConfig

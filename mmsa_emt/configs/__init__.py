@@ -17,11 +17,12 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ..atomic import write_text
 
 KINDS = ("regression", "tune")
 ROOT_DATASET_DIR = "../dataset"  # dataset_root_dir of the repository's config/ copies: relative to the file
@@ -98,20 +99,6 @@ def render(config: Mapping[str, Any]) -> str:
     return json.dumps(config, indent=2)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def cache_dir() -> Path:
     """``$MMSA_EMT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mmsa_emt``, else ``~/.cache/mmsa_emt``."""
     if os.environ.get(CACHE_ENV):
@@ -128,7 +115,7 @@ def merged_config_file(tune: bool = False) -> Path:
     path = folder / f"config_{_kind(tune)}-{digest}.json"
     try:
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            _write_atomically(path, text)
+            write_text(path, text)
     except OSError as error:
         raise OSError(f"cannot write mmsa-emt's merged config to {folder} ({error}): set {CACHE_ENV} to a "
                       "writable folder, or pass a complete config_file") from error
@@ -167,7 +154,7 @@ def write_configs(out: str | os.PathLike[str], *, dataset_root_dir: str = ROOT_D
                               "to replace them, or write elsewhere with --out")
     for path, text in files.items():
         if status[path] == "written":
-            _write_atomically(path, text)
+            write_text(path, text)
     return status
 
 

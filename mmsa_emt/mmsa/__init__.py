@@ -2,14 +2,16 @@
 concern:
 
 - ``run_config``: the dataclasses one run is configured by (``RunConfig``, ``TrainingConfig``);
-- ``config``: reading MMSA config files and translating MMSA's args into ``RunConfig`` (``translate``);
-- ``data``: feature checks and normalization on load, MMSA's datasets and loaders, ``batch_from_mmsa``;
+- ``config``: reading MMSA config files and translating MMSA's args into ``RunConfig`` (``translate``),
+  the checked args of one run (``trial_args``, ``check_args``);
+- ``data``: feature checks and normalization on load, MMSA's datasets and loaders, ``batch_from_mmsa``, the
+  args of a run at given missing rates (``at_missing_rates``);
 - ``trainer``: ``EMTDLFRTrainer`` (MMSA's ``do_train``/``do_test`` over ``mmsa_emt.trainer``), checkpoint names;
-- ``models``: MMSA's model and trainer factories (``AMIO``, ``ATIO``) extended with ours, strict weight loading;
+- ``models``: MMSA's model and trainer factories (``AMIO``, ``ATIO``) extended with ours, strict weight loading,
+  models' names as MMSA spells them (``display_name``);
 - ``mends``: mends of MMSA's built-in models (MISA, TFR-Net, their schedulers and args);
 - ``results``: the results CSV shared by every model, written under a lock;
 - ``inference``: ``MMSA_test`` for our models (``mmsa_test``);
-- ``trials``: one train-and-test trial at given missing rates, for ``mmsa_emt.robustness``;
 - ``patches``: ``register()``, which puts all of the above into MMSA's modules, and ``PATCHES``, the table of
   every such replacement.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +194,20 @@ def _set_device_if_cuda(device: Any) -> None:
     """``torch.cuda.set_device`` for CUDA devices; a no-op for the CPU (MMSA calls it unconditionally)."""
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(device)
+
+
+def trial_args(model_name: str, dataset_name: str, config_file: str | os.PathLike, *,
+               overrides: Mapping[str, Any] | None = None, gpu_ids: Sequence[int] = ()) -> EasyDict:
+    """The args ``MMSA_run`` would build for one run, plus ``overrides``, checked (``check_args``)."""
+    args = load_config(model_name, dataset_name, config_file)
+    args.update(dict(overrides or {}))
+    args.update(device=settings.checked_assign_gpu(gpu_ids), train_mode="regression", custom_feature=None,
+                feature_T=None, feature_A=None, feature_V=None, cur_seed=1)
+    check_args(args)
+    return args
+
+
+def check_args(args: EasyDict) -> None:
+    """Every setting checked before the first batch: ``settings.check_args`` for ours (every key) or MMSA's
+    models (the keys all its trainers share)."""
+    settings.check_args(args, ours=is_ours(args))

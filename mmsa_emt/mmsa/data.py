@@ -5,11 +5,12 @@ our models, any dataset name loaded (``_MMDataset``), and MMSA's batches turned 
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ from torch.utils.data import DataLoader
 from .. import settings
 from ..data_check import FeatureReport, check_feature_file, load_feature_file, zero_nonfinite
 from ..dlfr import TwoViewBatch
-from ..normalize import normalize_features, normalize_setting
+from ..missing import incomplete_view_file
+from ..normalize import normalize_features, normalize_setting, normalized_file
+from ..registry import canonical_name
+from .config import check_args
 from .config import is_ours as _is_ours
 from .mends import _mend_builtin_args
 
@@ -235,3 +239,37 @@ class _Batches:
         for batch in self.loader:
             self.ids.extend(batch["id"])
             yield batch_from_mmsa(batch)
+
+
+NATIVE_MISSING = ("tfr_net",)  # MMSA's own missing-aware model: it reads MMSA's incomplete view itself
+
+
+def reads_incomplete_view(model_name: str) -> bool:
+    """True for models that take MMSA's data_missing view natively (ours, TFR-Net); the others are fed a derived
+    feature file holding only the incomplete view (see ``mmsa_emt.missing``)."""
+    return canonical_name(model_name) is not None or model_name.lower() in NATIVE_MISSING
+
+
+def at_missing_rates(args: EasyDict, rates: Sequence[float], cache_dir: Path) -> EasyDict:
+    """A copy of ``args`` whose data is missing at ``rates`` (text, audio, vision): MMSA's ``data_missing`` for
+    the models that read it, else a derived feature file written once into ``cache_dir``."""
+    at = EasyDict(copy.deepcopy(dict(args)))
+    seeds = [int(s) for s in (args.get("missing_seed") or DEFAULT_MISSING_SEEDS)]
+    if reads_incomplete_view(at["model_name"]):
+        at.update(data_missing=True, missing_rate=[float(r) for r in rates], missing_seed=seeds)
+    else:
+        source = args["featurePath"]
+        if normalize_setting(args):  # normalize first, then drop, as the loader does for the other models
+            source = normalized_file(source, cache_dir)
+            at["normalize_features"] = False  # the derived file is normalized already
+        at["featurePath"] = str(incomplete_view_file(source, rates, seeds, cache_dir))
+        at["data_missing"] = False
+    return at
+
+
+def _settings_checked_loader(args: EasyDict, num_workers: int = 4) -> dict[str, DataLoader]:
+    """``checked_data_loader`` after ``check_args``: MMSA's ``_run`` calls its loader first, once per seed (or
+    tuning trial), with the args merged from the config file and ``config=``, before any data is read or any model
+    built."""
+    check_args(args)
+    return checked_data_loader(args, num_workers)

@@ -26,12 +26,11 @@ from torch.utils.data import DataLoader
 from .. import checkpoint as checkpoint_format
 from .. import fast, settings
 from ..checkpoint import CheckpointError, load_weights
-from .config import _set_device_if_cuda, speed_config_from_args
+from .config import _set_device_if_cuda, check_args, speed_config_from_args, trial_args
 from .config import is_ours as _is_ours
-from .data import checked_data_loader
-from .models import AMIO, ATIO
+from .data import at_missing_rates, checked_data_loader
+from .models import AMIO, ATIO, display_name
 from .results import append_results
-from .trials import _at_missing_rates, check_args, display_name, trial_args
 
 SPLITS = ("test", "valid", "train")
 
@@ -84,7 +83,7 @@ def evaluate_checkpoint(path: str | os.PathLike, dataset: str, config_file: str 
                                   gpu_ids=gpu_ids, default_config=default_config)
     with tempfile.TemporaryDirectory(prefix="mmsa-emt-test-") as cache:
         if missing_rate is not None:
-            args = _at_missing_rates(args, [missing_rate] * 3, Path(cache))
+            args = at_missing_rates(args, [missing_rate] * 3, Path(cache))
             check_args(args)
         _set_device_if_cuda(args["device"])
         loaders = checked_data_loader(args, num_workers)  # the feature widths are set in args from here

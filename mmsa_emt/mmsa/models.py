@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import MMSA.run as mmsa_run
 import torch
 from easydict import EasyDict
 from MMSA.models.AMIO import AMIO as _MMSA_AMIO
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint, fast
 from ..checkpoint import CheckpointError, load_weights  # noqa: F401  (re-exported)
-from ..registry import get_builder
+from ..registry import canonical_name, get_builder
 from .config import is_ours as _is_ours
 from .config import translate
 from .trainer import EMTDLFRTrainer
@@ -87,3 +88,12 @@ class ATIO(_MMSA_ATIO):
 
     def getTrain(self, args: EasyDict):
         return EMTDLFRTrainer(args) if _is_ours(args) else super().getTrain(args)
+
+
+def display_name(model_name: str) -> str:
+    """'emt_dlfr' -> 'EMT-DLFR', 'self_mm' -> 'Self_MM': the spelling of MMSA's model list."""
+    key = canonical_name(model_name)
+    if key is not None:
+        return key.upper()
+    known = {m.lower(): m for m in [*mmsa_run.SUPPORTED_MODELS, "TFR_Net"]}
+    return known.get(model_name.lower(), model_name)

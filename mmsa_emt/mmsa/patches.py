@@ -26,12 +26,11 @@ from .. import settings
 from ..metrics import DATASET_METRICS
 from ..registry import list_models
 from .config import _config_regression, _config_tune, _set_device_if_cuda
-from .data import _MMDataset, _unpickled_once
+from .data import _MMDataset, _settings_checked_loader, _unpickled_once
 from .inference import mmsa_test
 from .mends import _MISA, _ReduceLROnPlateau, _TFRNet
 from .models import AMIO, ATIO, _load_checkpoint
 from .results import _mmsa_data_frame, _mmsa_read_csv, _run_noting_result_keys
-from .trials import _settings_checked_loader
 
 logger = logging.getLogger("MMSA")
 MMSA_VERSION = "2.2.1"  # the MMSA release every patch below was written against

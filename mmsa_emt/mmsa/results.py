@@ -5,8 +5,6 @@ MMSA_run's own CSV code reaches it (see ``patches.PATCHES``)."""
 from __future__ import annotations
 
 import os
-import stat
-import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +14,8 @@ import MMSA.run as mmsa_run
 import pandas as pd
 from easydict import EasyDict
 from filelock import FileLock
+
+from ..atomic import atomic_file
 
 _ORIGINAL_RUN = mmsa_run._run
 _noted = threading.local()  # the result names of the last MMSA _run in this thread
@@ -28,20 +28,6 @@ def _run_noting_result_keys(args: EasyDict, num_workers: int = 4, is_tune: bool 
     if not from_sena:
         _noted.result_keys = list(result)
     return result
-
-
-def _write_csv_atomically(frame: pd.DataFrame, csv_file: Path) -> None:
-    """Writes ``frame`` to a unique temporary file beside ``csv_file``, then renames it over ``csv_file``."""
-    mode = stat.S_IMODE(csv_file.stat().st_mode) if csv_file.is_file() else 0o644
-    fd, temp = tempfile.mkstemp(dir=csv_file.parent, prefix=f".{csv_file.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            frame.to_csv(handle, index=False)
-        os.chmod(temp, mode)
-        os.replace(temp, csv_file)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def append_results(csv_file: str | os.PathLike, rows: pd.DataFrame) -> None:
@@ -60,7 +46,8 @@ def append_results(csv_file: str | os.PathLike, rows: pd.DataFrame) -> None:
                 raise ValueError(f"cannot add results to {csv_file}, which is not a readable CSV ({error}); it was "
                                  f"left unchanged. The new results:\n{new.to_string(index=False)}") from error
             new = pd.concat([old.astype(object), new], ignore_index=True, sort=False)
-        _write_csv_atomically(new, csv_file)
+        with atomic_file(csv_file) as handle:
+            new.to_csv(handle, index=False)
 
 
 class _ResultsRows:
