@@ -104,7 +104,7 @@ REMOVED: dict[str, tuple[Any, str]] = {
     "reuse_weight_casts": (True, "Linear weights cast once per optimizer step showed no gain in time or memory on "
                                  "the GPU or the CPUs it was measured on (docs/speed.md); autocast casts them"),
     "cache_positions": (True, "the sinusoid position table built once and sliced showed no gain in time on the CPU "
-                              "it was measured on, and saved 39 of ~3,000 operations a step (docs/speed.md)"),
+                              "it was measured on, and saved 39 of ~1,600 operations per mini-batch (docs/speed.md)"),
 }
 
 
