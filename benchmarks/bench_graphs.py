@@ -10,8 +10,7 @@ own time. This script measures both on one full-length batch of the dataset's sh
 random weights), padding not trimmed so that every step has the same shapes, as a graph requires:
 
 * ``eager``: the shipped config (``bench_train``'s ``fast`` with ``trim_padding`` off), forward + backward +
-  fused Adam, the way ``train_one_epoch`` runs it, but with an optimizer step after every batch and autocast's
-  weight casts at every forward pass (``reuse_weight_casts`` belongs to the trainer's accumulation groups);
+  fused Adam, the way ``train_one_epoch`` runs it, but with an optimizer step after every batch;
 * ``graph``: the same network, its forward and backward (both views, every loss) captured once and replayed;
   the optimizer step runs eagerly after it. Captured under bf16 autocast with its weight cache off, as capture
   requires;

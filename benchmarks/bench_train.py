@@ -11,8 +11,7 @@ Modes (``MODES``; each is a preset of ``mmsa_emt.fast`` with overrides, see docs
   step;
 * ``fast`` (preset ``fast``), what the shipped config does: fused scaled-dot-product attention, both views in one
   pass, LSTMs over the padded batch (``packed_lstm: false``), BERT's layers with one query/key/value matmul
-  (``fast.fused_bert``), Linear weights cast to the low precision once per optimizer step and their gradients
-  accumulated in flat buffers (``reuse_weight_casts``), each batch cut to its longest sequences, no per-step host
+  (``fast.fused_bert``), each batch cut to its longest sequences, no per-step host
   sync, fused Adam, the activations of the fusion's feed-forward blocks recomputed in the backward pass instead of
   kept (``checkpoint_fusion: true``); bf16 autocast where the device multiplies bf16 natively (``precision: auto``:
   CUDA from Ampere on, x86 CPUs with AMX-BF16); on CUDA also the three modalities joined along time into one fusion
@@ -21,9 +20,9 @@ Modes (``MODES``; each is a preset of ``mmsa_emt.fast`` with overrides, see docs
   modalities joined along time / one fusion call each, whatever the device), ``fast-checkpoint`` /
   ``fast-nocheckpoint`` (recomputing BERT too / nothing), ``fast-bf16`` (bf16 autocast whatever the device),
   ``fast-packed`` (packed LSTMs), ``fast-compile`` (``torch.compile`` of the text encoder and the fusion),
-  ``fast-castperforward`` (autocast casting each Linear's weight and bias at every forward pass,
-  ``reuse_weight_casts: false``, where ``fast`` casts them all at once per optimizer step), ``fast-unfusedqkv``
-  (BERT's layers through transformers' forward, three query/key/value matmuls; ``encoder_fused_qkv: false``),
+  ``fast-unfusedqkv`` (BERT's layers through transformers' forward, three query/key/value matmuls;
+  ``encoder_fused_qkv: false``), ``fast-twopass`` (the complete and the incomplete view in two passes;
+  ``fused_views: false``),
   ``fast-noaddmmlt`` (the shipped config with ``DISABLE_ADDMM_CUDA_LT=1`` in the worker's environment: Linear layers
   with a bias through cuBLAS instead of cuBLASLt; on the H200 an ``addmm`` took 146 us of host time against 64 us
   for an ``mm``), ``fast-tcmalloc`` (the shipped config with gperftools' tcmalloc preloaded, Linux only: Debian's
@@ -83,7 +82,7 @@ MODES = {  # (preset of mmsa_emt.fast, its overrides); "fused_adam" is the optim
     "fast-nocheckpoint": ("fast", {"checkpoint_encoder": False, "checkpoint_fusion": False}),
     "fast-bf16": ("fast", {"precision": "bf16"}),
     "fast-unfusedqkv": ("fast", {"encoder_fused_qkv": False}),
-    "fast-castperforward": ("fast", {"reuse_weight_casts": False}),
+    "fast-twopass": ("fast", {"fused_views": False}),
     "fast-noaddmmlt": ("fast", {}),
     "fast-tcmalloc": ("fast", {}),
 }

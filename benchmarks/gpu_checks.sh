@@ -8,9 +8,8 @@
 #
 # 1. check_cuda.py: losses and gradients of the fast modes (both stackings, bf16) against the baseline on the GPU.
 # 2. bench_train.py, MOSI shape, 5 timed passes each: baseline, fast (shipped: modalities joined along time, fusion
-#    feed-forward recomputed, BERT's layers with one query/key/value matmul, Linear weights cast once per optimizer
-#    step, bf16), fast-unfusedqkv (BERT through transformers' layers), fast-castperforward (autocast's casts at
-#    every forward pass, as shipped before). The other variants (fast-nocheckpoint,
+#    feed-forward recomputed, BERT's layers with one query/key/value matmul, bf16), fast-unfusedqkv (BERT through
+#    transformers' layers), fast-twopass (the two views in two passes). The other variants (fast-nocheckpoint,
 #    fast-nostack) were measured on an H200 on 2026-11-27 (benchmarks/results/h200-2026-11-27);
 #    add them to the list to measure them again.
 # 3. bench_mmsa_run.py at MOSI's full split sizes (1,284 training samples): one end-to-end MMSA_run epoch,
@@ -47,7 +46,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$out/card.txt"
 step check_cuda 70 python benchmarks/check_cuda.py
-step mosi 170 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-unfusedqkv fast-castperforward \
+step mosi 170 python benchmarks/bench_train.py --shapes mosi --modes baseline fast fast-unfusedqkv fast-twopass \
     --repeats 5 --timeout 45 --out "$out/mosi.json"
 step mmsa_run 130 python benchmarks/bench_mmsa_run.py --scale 1.0 --out "$work/mmsa_run"
 for phases in "$work"/mmsa_run/*/phases.json; do

@@ -44,13 +44,12 @@ from mmsa_emt.fast.dropout import use_numpy_dropout
 
 def count_step(model, optimizer, speed, batch, weights, update_every: int = 4) -> tuple[collections.Counter, int]:
     """One accumulation group as ``train_one_epoch`` runs it (``update_every`` mini-batches, then the optimizer
-    step; weights cast once per group with ``reuse_weight_casts``): its operation counts per phase, per
+    step): its operation counts per phase, per
     mini-batch, and the largest bytes of activations a mini-batch saved for backward."""
     model.train()  # as train_one_epoch: from_pretrained leaves BERT in eval mode
     counter = OpCensus()
     hooks = counter.track_parts(model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    casts = speed.weight_casts(model)
     most = 0
     with counter:
         for _ in range(update_every):
@@ -63,8 +62,7 @@ def count_step(model, optimizer, speed, batch, weights, update_every: int = 4) -
                 return t
 
             counter.phase = "forward"
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), speed.autocast("cpu"), \
-                    casts.applied("cpu"):
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), speed.autocast("cpu"):
                 loss = compute_loss(model, batch, weights).total
             counter.phase = "backward"
             loss.backward()
@@ -77,7 +75,7 @@ def count_step(model, optimizer, speed, batch, weights, update_every: int = 4) -
     return collections.Counter({k: round(v / update_every) for k, v in counter.counts.items()}), most
 
 
-def census(shape: str, mode: str, encoder: str, as_device: str) -> dict:
+def census(shape: str, mode: str, encoder: str, as_device: str, quick: bool = False) -> dict:
     model, optimizer, speed = setup(shape, mode, "cpu", encoder, as_device=as_device,
                                     attn_dropout=0.0 if as_device == "cuda" else 0.3)
     if as_device == "cuda":
@@ -85,7 +83,7 @@ def census(shape: str, mode: str, encoder: str, as_device: str) -> dict:
     if as_device == "cuda":  # BERT's attention too: with dropout the CPU takes SDPA's unfused math path
         for attention in (m for m in model.modules() if hasattr(m, "attention_head_size")):
             attention.dropout.p = 0.0
-    batch = speed.prepare(make_batches(SHAPES[shape], 1, False, encoder)[0], "cpu")
+    batch = speed.prepare(make_batches(SHAPES[shape], 1, quick, encoder)[0], "cpu")
     count_step(model, optimizer, speed, batch, LossWeights(), 1)  # the first step creates Adam's state
     ops, saved = count_step(model, optimizer, speed, batch, LossWeights())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -101,15 +99,18 @@ def main() -> None:
                         help="resolve 'auto' switches and pick the attention path as on this device")
     parser.add_argument("--modes", nargs="+", default=["baseline", "fast-nostack",
                                                        "fast-nocheckpoint", "fast"], choices=list(MODES))
+    parser.add_argument("--quick", action="store_true", help="audio and vision cut to a quarter of their length "
+                        "(as bench_train.py --quick); the text encoder's counts are those of the full shape")
     args = parser.parse_args()
-    print(f"{args.shape} shape, switches as on {args.as_device}, counted on the CPU per mini-batch of an "
+    cut = " (audio/vision cut to a quarter)" if args.quick else ""
+    print(f"{args.shape} shape{cut}, switches as on {args.as_device}, counted on the CPU per mini-batch of an "
           "accumulation group of 4")
     print(f"{'mode':18s} {'prec':5s} {'ops':>6s} {'fwd':>5s} {'bwd':>5s} {'optim':>5s}  "
           f"{'text':>4s} {'lstm':>4s} {'fusion':>6s} {'other':>5s}  {'activ.':>7s} {'static':>7s} {'peak':>7s}")
     with tempfile.TemporaryDirectory() as folder:
         encoder = bert_base(Path(folder) / "bert-base")
         for mode in dict.fromkeys(args.modes):
-            r = census(args.shape, mode, encoder, args.as_device)
+            r = census(args.shape, mode, encoder, args.as_device, args.quick)
             ops = r["ops"]
             forward = {k.split(":", 1)[1]: v for k, v in ops.items() if k.startswith("forward:")}
             lstm = forward.get("audio_encoder", 0) + forward.get("vision_encoder", 0)

@@ -420,8 +420,6 @@ SETTINGS: dict[str, Setting] = _table(
     Setting("pinned_transfer", Bool(), _SPEED_DEFAULTS["pinned_transfer"], "host-to-device copies through pinned "
             "memory, without blocking the host", _SPEED),
     Setting("compile", Bool(), _SPEED_DEFAULTS["compile"], "torch.compile the text encoder and the fusion", _SPEED),
-    Setting("reuse_weight_casts", Bool(), _SPEED_DEFAULTS["reuse_weight_casts"], "under autocast, cast Linear "
-            "weights once per optimizer step", _SPEED),
     Setting("sync_every_step", Bool(), _SPEED_DEFAULTS["sync_every_step"], "read the loss back to the host every "
             "step, as the authors' loop does", _SPEED),
     Setting("fused_attention", Bool(), _SPEED_DEFAULTS["fused_attention"], "PyTorch's scaled-dot-product kernel "
@@ -441,8 +439,6 @@ SETTINGS: dict[str, Setting] = _table(
             "encoder's layers", _SPEED),
     Setting("numpy_dropout", Bool(), _SPEED_DEFAULTS["numpy_dropout"], "CPU dropout masks from numpy's generator "
             "(false: torch's)", _SPEED),
-    Setting("cache_positions", Bool(), _SPEED_DEFAULTS["cache_positions"], "the sinusoid position table built "
-            "once per device and sliced", _SPEED),
     *(Setting(key, Bool(), shipped, f"removed: accepted only as {_show(shipped)}, with a warning ({why})", _SPEED)
       for key, (shipped, why) in REMOVED.items()),
     # --- data: MMSA's keys (datasetCommonParams and commonParams of every model)

@@ -134,11 +134,10 @@ def train_one_epoch(model: DLFR, batches: Iterable[TwoViewBatch], optimizer: tor
     bar = _progress(batches, desc, progress)
     n_batches = len(bar) if bar.total is not None else None
     optimizer.zero_grad(set_to_none=True)
-    casts = speed.weight_casts(model)
     i = -1
     for i, batch in enumerate(bar):
         batch = speed.prepare(batch, device)
-        with speed.autocast(device), casts.applied(device):
+        with speed.autocast(device):
             out = compute_loss(model, batch, weights)
         scaler.scale(out.total).backward()
         last = not drop and n_batches is not None and i + 1 == n_batches
@@ -146,7 +145,6 @@ def train_one_epoch(model: DLFR, batches: Iterable[TwoViewBatch], optimizer: tor
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            casts.refresh()  # the weights changed
         if speed.sync_every_step:
             out.total.item()
         total_loss += out.total.detach()
@@ -184,10 +182,9 @@ def evaluate(model: DLFR, batches: Iterable[TwoViewBatch], weights: LossWeights,
     total_loss = torch.zeros((), device=device)
     pred_loss = torch.zeros((), device=device)
     preds, labels, feats = [], [], []
-    casts = speed.weight_casts(model)  # cast once for the whole evaluation
     for batch in _progress(batches, desc, progress):
         batch = speed.prepare(batch, device)
-        with speed.autocast(device), casts.applied(device):
+        with speed.autocast(device):
             out: LossOutput = compute_loss(model, batch, weights)
         if speed.sync_every_step:
             out.total.item()

@@ -8,7 +8,7 @@ import torch
 from conftest import OpCount
 
 from mmsa_emt.fast import SpeedConfig, apply, speed_config
-from mmsa_emt.fast.fusion import CachedPositionalEmbedding, segment_runs
+from mmsa_emt.fast.fusion import segment_runs
 from mmsa_emt.nn.emt import EMT, PositionalEmbedding
 
 FLAGS = list(itertools.product([True, False], repeat=3))
@@ -206,23 +206,6 @@ def test_positional_embedding_sinusoid_odd_width_and_learnable_limit():
     assert sum(p.numel() for p in learnable.parameters()) == 32
     with pytest.raises(ValueError, match="max_seq_len"):
         learnable(torch.zeros(1, 9, 4))
-
-
-def test_positional_sinusoid_cache_equals_a_fresh_table_at_every_length():
-    """The table is built once (max_len rows, or more for a longer sequence) and sliced: each slice must equal the
-    table computed for that length alone, in each dtype, and a table first built under inference_mode must still
-    serve training with gradients."""
-    pe, fresh = CachedPositionalEmbedding(6, max_len=8), PositionalEmbedding(6, max_len=8)
-    cpu = torch.device("cpu")
-    with torch.inference_mode():
-        pe(torch.zeros(1, 3, 6))  # first built here
-    for length in (1, 8, 13, 5):  # 13 > max_len: rebuilt longer
-        assert torch.equal(pe.sinusoid(length, cpu, torch.float32), fresh.sinusoid(length, cpu, torch.float32))
-    assert pe._sinusoids[(cpu, torch.float32)].shape[1] == 13
-    assert torch.equal(pe.sinusoid(4, cpu, torch.float64), fresh.sinusoid(4, cpu, torch.float64))
-    x = torch.randn(2, 13, 6, requires_grad=True)
-    pe(x).sum().backward()
-    assert torch.equal(x.grad, torch.ones_like(x))
 
 
 def test_heads_must_divide_width():

@@ -6,10 +6,9 @@ import torch
 from conftest import OpCount, build_model, random_batch
 
 from mmsa_emt import LossWeights, compute_loss
-from mmsa_emt.fast import SpeedConfig, speed_config
-from mmsa_emt.fast.encoders import FastBertTextEncoder, joined_families
+from mmsa_emt.fast import LEVERS, SpeedConfig, speed_config
+from mmsa_emt.fast.encoders import FastBertTextEncoder
 from mmsa_emt.fast.views import trimmed
-from mmsa_emt.fast.weight_casts import gathered_slots, low_precision_slots
 from mmsa_emt.nn.encoders import BertTextEncoder
 
 
@@ -128,11 +127,21 @@ def test_bf16_autocast_runs_on_cpu(tiny_config):
 
 
 def test_removed_levers_are_accepted_only_at_their_shipped_value(tiny_config):
-    """``encoder_cast_once`` (superseded) and ``encoder_autocast`` (no gain measured) were taken out: at their
-    shipped value a config still runs, with a warning; at any other value it is refused, naming why; so is
-    ``stack_modalities: "batch"``. An unknown key is refused naming the closest lever."""
+    """``encoder_cast_once`` (superseded), ``encoder_autocast``, ``reuse_weight_casts`` and ``cache_positions`` (no
+    gain measured) were taken out: at their shipped value a config still runs, with a warning; at any other value it
+    is refused, naming why; so is ``stack_modalities: "batch"``. An unknown key is refused naming the closest
+    lever."""
     with pytest.warns(UserWarning, match="encoder_cast_once=False no longer does anything"):
         assert speed_config("fast", encoder_cast_once=False) == speed_config("fast")
+    with pytest.warns(UserWarning, match="reuse_weight_casts=True no longer does anything .*no gain"):
+        assert speed_config("fast", reuse_weight_casts=True) == speed_config("fast")
+    with pytest.raises(ValueError, match="reuse_weight_casts=False: this setting was removed"):
+        speed_config("faithful", reuse_weight_casts=False)
+    with pytest.warns(UserWarning, match="cache_positions=True no longer does anything .*no gain"):
+        assert speed_config("fast", cache_positions=True) == speed_config("fast")
+    with pytest.raises(ValueError, match="cache_positions=False: this setting was removed"):
+        speed_config("faithful", cache_positions=False)
+    assert "reuse_weight_casts" not in LEVERS and "cache_positions" not in LEVERS
     with pytest.warns(UserWarning, match="encoder_autocast"):
         speed_config("fast", encoder_autocast=True)
     with pytest.raises(ValueError, match="encoder_cast_once=True: this setting was removed .superseded"):
@@ -223,11 +232,12 @@ def test_cpu_dropout_paths_compile_without_graph_breaks():
     from torch._dynamo.utils import counters
 
     from mmsa_emt.fast.dropout import Dropout
-    from mmsa_emt.fast.fusion import CachedPositionalEmbedding, FastAttention
+    from mmsa_emt.fast.fusion import FastAttention
+    from mmsa_emt.nn.emt import PositionalEmbedding
 
     torch.manual_seed(0)
     attention, dropout = FastAttention(8, heads=2, dropout=0.5).train(), Dropout(0.5).train()
-    position = CachedPositionalEmbedding(8)
+    position = PositionalEmbedding(8)
     x, mask = torch.randn(2, 6, 8), torch.arange(6)[None] < torch.tensor([[6], [3]])
 
     def step(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -463,206 +473,6 @@ def test_fused_qkv_bert_compiles_without_graph_breaks(tiny_bert):
     torch.testing.assert_close(tokens, eager_tokens, rtol=1e-5, atol=1e-6)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(dict(encoder.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reused_weight_casts_train_and_evaluate_exactly_as_autocast(tiny_config, monkeypatch, precision):
-    """``reuse_weight_casts``: under bf16 autocast the Linear weights are cast once per optimizer step (and once
-    per evaluation) instead of at every forward pass, and their gradients reach ``.grad`` through one flat
-    buffer: after accumulation groups of 2, 2 and 1 batches the weights, the predictions and the evaluation are
-    those of autocast's own casts and autograd's accumulation, bit for bit (dropout on, same seed, the fusion's
-    feed-forward recomputed). Casting happens exactly once per group: with a stale copy the second group would
-    train on old weights."""
-    from mmsa_emt.fast.weight_casts import ReusedCasts
-    from mmsa_emt.trainer import OptimConfig, build_optimizer, evaluate, train_one_epoch
-
-    casts_made = []
-    cast = ReusedCasts._cast
-    monkeypatch.setattr(ReusedCasts, "_cast", lambda self, dtype: casts_made.append(dtype) or cast(self, dtype))
-    batches = [random_batch(4, seed=i) for i in range(5)]
-    results = []
-    for reuse in (False, True):
-        torch.manual_seed(0)  # the fusion as shipped for CUDA: joined along time, feed-forward recomputed
-        model = build_model(tiny_config, attn_dropout=0.2, ff_dropout=0.1, post_fusion_dropout=0.2,
-                                    stack_modalities="time", checkpoint_fusion=True)
-        speed = SpeedConfig(precision=precision, reuse_weight_casts=reuse)  # fp16: with loss scaling
-        casts_made.clear()
-        train = train_one_epoch(model, batches, build_optimizer(model, OptimConfig()), LossWeights(),
-                                update_every=2, progress=False, speed=speed)  # groups of 2, 2 and 1 batches
-        trained_casts = len(casts_made)
-        valid = evaluate(model, batches[:2], LossWeights(), progress=False, speed=speed)
-        results.append((train, valid, {k: v.clone() for k, v in model.state_dict().items()}))
-        assert (trained_casts, len(casts_made)) == ((3, 4) if reuse else (0, 0))
-        assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())  # swapped back
-    (train, valid, state), (train_r, valid_r, state_r) = results
-    assert torch.equal(train_r.preds, train.preds) and train_r.loss == train.loss
-    assert torch.equal(valid_r.preds, valid.preds) and valid_r.loss == valid.loss
-    assert all(torch.equal(state_r[k], v) for k, v in state.items())
-
-
-def test_reused_weight_casts_cover_what_autocast_casts(tiny_config):
-    """The slots cast once are every Linear's weight and bias, BERT's too; within
-    ``applied`` the model reads bf16 views with a gradient path to the float32 parameters (none for the frozen
-    pooler); outside autocast nothing is swapped."""
-    from mmsa_emt.fast.weight_casts import ReusedCasts
-
-    model = build_model(tiny_config)
-    slots = low_precision_slots(model)
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(slots) == sum(1 + (m.bias is not None) for m in linears)
-    casts = ReusedCasts(slots)
-    pooler = model.net.text_encoder.bert.pooler.dense
-    with casts.applied("cpu"):
-        assert model.net.head[1].weight.dtype == torch.float32  # no autocast: nothing swapped
-    with torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
-        assert model.net.head[1].weight.dtype == torch.bfloat16 and model.net.head[1].weight.grad_fn is not None
-        assert pooler.weight.dtype == torch.bfloat16 and pooler.weight.grad_fn is None
-    assert isinstance(model.net.head[1].weight, torch.nn.Parameter)
-
-
-def test_flat_gradients_accumulate_as_autograd_would(tiny_config):
-    """``FlatGradients``: the first pass's gradients become views of one float32 buffer, later passes add to it in
-    one operation; if a ``.grad`` is not one of its views (zeros left by the optimizer) it adds per parameter.
-    Either way each gradient is the float32 sum of the passes', as autograd's accumulation makes it. A training
-    group of 2 batches then launches far fewer operations than autocast's casts and accumulation."""
-    from mmsa_emt.fast.weight_casts import FlatGradients, ReusedCasts
-    from mmsa_emt.trainer import OptimConfig, build_optimizer, train_one_epoch
-
-    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
-    passes = [torch.randn(10).to(torch.bfloat16) for _ in range(3)]
-    expected = sum(g.float() for g in passes)
-    sink = FlatGradients(params)
-    for grad in passes:
-        sink.accumulate(grad)
-    assert params[0].grad._base is params[1].grad._base  # one buffer
-    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), expected, rtol=0, atol=0)
-    for p in params:
-        p.grad = torch.zeros_like(p)  # zero_grad(set_to_none=False)
-    sink = FlatGradients(params)
-    for grad in passes:
-        sink.accumulate(grad)
-    assert params[0].grad._base is None
-    torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in params]), expected, rtol=0, atol=0)
-
-    counts = []
-    for reuse in (False, True):
-        model = build_model(tiny_config)
-        optimizer = build_optimizer(model, OptimConfig())
-        speed = SpeedConfig(precision="bf16", reuse_weight_casts=reuse)
-        with OpCount() as ops:
-            train_one_epoch(model, [random_batch(3, seed=i) for i in range(2)], optimizer, LossWeights(),
-                            update_every=2, progress=False, speed=speed)
-        counts.append(ops.n)
-    slots = len(ReusedCasts(low_precision_slots(model)).slots)
-    # per batch: a weight cast forward and a gradient cast backward per slot; an accumulation per slot in batch 2
-    assert counts[0] - counts[1] >= 4 * slots
-
-
-@pytest.mark.parametrize("group_size", [64, 2**23])
-def test_reused_casts_in_groups_give_autocasts_gradients(tiny_config, group_size):
-    """Cast in consecutive groups (64 elements: dozens of groups, BERT's query/key/value families kept whole;
-    2**23: one) the gradients of two accumulated mini-batches are those of autocast's casts and autograd's
-    accumulation, bit for bit, and the copies are views of as many flat tensors as there are groups."""
-    from mmsa_emt.fast.weight_casts import ReusedCasts
-
-    batches = [random_batch(3, seed=i) for i in range(2)]
-    grads = []
-    for reuse in (False, True):
-        torch.manual_seed(0)
-        model = build_model(tiny_config, attn_dropout=0.2).train()
-        casts = ReusedCasts(low_precision_slots(model), joined=joined_families(model), group_size=group_size)
-        for batch in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                if reuse:
-                    with casts.applied("cpu"):
-                        bases = {id(copy._base) for copy in casts.copies if copy.dtype == torch.bfloat16}
-                        loss = compute_loss(model, batch, LossWeights()).total
-                else:
-                    loss = compute_loss(model, batch, LossWeights()).total
-            loss.backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    assert (len(bases) > 20) if group_size == 64 else (len(bases) == 2)  # trainable and frozen (the pooler)
-    assert grads[1].keys() == grads[0].keys()
-    for name, grad in grads[0].items():
-        assert torch.equal(grads[1][name], grad), name
-
-
-def test_norm_parameters_accumulate_their_gradients_in_flat_buffers(tiny_config):
-    """Every trainable parameter is either a Linear slot or gathered (the LayerNorms', BatchNorms' and embeddings'),
-    except the LSTMs' and an embedding table above ``largest``. In training, within ``applied``, the model reads
-    float32 views of one concatenation per group, and after two accumulated mini-batches their ``.grad`` are views of
-    one flat buffer holding autograd's own sums, bit for bit, with fewer operations; under no_grad (evaluation)
-    the parameters themselves are read."""
-    from mmsa_emt.fast.weight_casts import ReusedCasts, norm_slots
-
-    torch.manual_seed(0)
-    model = build_model(tiny_config, ff_dropout=0.1).train()
-    gathered = gathered_slots(model)
-    assert {type(m) for m, _ in gathered} == {torch.nn.LayerNorm, torch.nn.BatchNorm1d, torch.nn.Embedding}
-    slotted = {id(getattr(m, a)) for m, a in low_precision_slots(model) + gathered}
-    lstms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LSTM) for p in m.parameters()}
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable - slotted == lstms
-    words = model.net.text_encoder.bert.embeddings.word_embeddings
-    assert (words, "weight") in gathered
-    assert (words, "weight") not in norm_slots([model], largest=words.weight.numel() - 1)
-    assert norm_slots([torch.nn.Embedding(5, 3, max_norm=1.0)]) == []  # renormalised in place: not a copy's job
-
-    norm = next(m for m, _ in gathered if isinstance(m, torch.nn.LayerNorm))
-    batches = [random_batch(3, seed=i) for i in range(2)]
-    grads, counts = [], []
-    for gather in ([], gathered):
-        torch.manual_seed(1)
-        model.zero_grad(set_to_none=True)
-        casts = ReusedCasts(low_precision_slots(model), gathered=gather)
-        with OpCount() as ops:
-            for batch in batches:
-                with torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
-                    assert (norm.weight.grad_fn is not None) == bool(gather)
-                    loss = compute_loss(model, batch, LossWeights()).total
-                loss.backward()
-        counts.append(ops.n)
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    flat = {id(getattr(m, a).grad._base) for m, a in gathered}
-    assert len(flat) == 1 and None not in {getattr(m, a).grad._base for m, a in gathered}
-    assert grads[1].keys() == grads[0].keys()
-    for name, grad in grads[0].items():
-        assert torch.equal(grads[1][name], grad), name
-    assert counts[0] - counts[1] >= len(gathered) - 4  # an add_ per parameter in batch 2, against a few per group
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), casts.applied("cpu"):
-        assert isinstance(norm.weight, torch.nn.Parameter)
-
-
-def test_fused_bert_reads_each_layers_query_key_value_as_one_cast_piece(tiny_config):
-    """With ``reuse_weight_casts`` each fused BERT layer's query/key/value weights, and their biases, are cast side
-    by side: within ``applied`` ``joined`` hands out that piece, with no operation, for training and evaluation
-    copies alike, also when the families are larger than a group; outside it, or for tensors that are not such a
-    family in order, it concatenates. (Training through the pieces gives autocast's values and gradients bit for
-    bit: the tests above run the fused encoder.)"""
-    from mmsa_emt.fast.weight_casts import ReusedCasts, joined
-
-    model = build_model(tiny_config).train()
-    families = joined_families(model)
-    assert len(families) == 2 * model.net.text_encoder.bert.config.num_hidden_layers  # weights and biases per layer
-    assert joined_families(build_model(tiny_config, encoder_fused_qkv=False)) == []
-    for group_size in (64, 2**23):
-        casts = ReusedCasts(low_precision_slots(model), joined=families, group_size=group_size)
-        for training in (True, False):
-            with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=torch.bfloat16), \
-                    casts.applied("cpu"):
-                for family in families:
-                    tensors = [getattr(module, attr) for module, attr in family]
-                    with OpCount() as ops:
-                        rows = joined(tensors)
-                    assert ops.n == 0 and rows.dtype == torch.bfloat16 and torch.equal(rows, torch.cat(tensors))
-                    assert rows.requires_grad  # evaluation copies too: matmul folds batches only for such weights
-                    with OpCount() as ops:
-                        joined(tensors[::-1])
-                    assert ops.n == 1
-            casts.refresh()
-    with OpCount() as ops:
-        joined([getattr(module, attr) for module, attr in families[0]])
-    assert ops.n == 1
 
 
 def test_a_failing_compiler_backend_falls_back_to_eager_with_a_warning(tiny_config, caplog):

@@ -4,7 +4,7 @@ speed machinery (docs/speed.md). The paper's modules (``model``, ``dlfr``, ``nn`
 ``apply(model, speed, device)`` turns a model built the paper's way into one that computes per ``speed`` by
 swapping module classes for subclasses defined here (``module.__class__ = ...``): the parameters, buffers and
 state-dict keys stay the same, and ``apply(model, PRESETS["faithful"])`` turns it back. The training loop takes
-the rest from ``SpeedConfig``: batch preparation (trimming, transfer), autocast, weight casts, compilation.
+the rest from ``SpeedConfig``: batch preparation (trimming, transfer), autocast, compilation.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from ..dlfr import DLFR
 from ..model import EMTDLFR
 from ..nn.attention import Attention
-from ..nn.emt import EMT, HalfMPU, PositionalEmbedding
+from ..nn.emt import EMT, HalfMPU
 from ..nn.encoders import BertTextEncoder, SequenceEncoder
 from .config import (
     FAITHFUL,
@@ -32,7 +32,7 @@ from .config import (
 )
 from .dropout import use_numpy_dropout
 from .encoders import FastBertTextEncoder, PaddedSequenceEncoder
-from .fusion import CachedPositionalEmbedding, FastAttention, FastHalfMPU, JoinedEMT
+from .fusion import FastAttention, FastHalfMPU, JoinedEMT
 from .views import FastEMTDLFR, FusedViewsDLFR
 
 __all__ = ["FAITHFUL", "FAST", "LEVERS", "PRECISIONS", "PRESETS", "REMOVED", "SpeedConfig", "apply",
@@ -61,8 +61,6 @@ def apply(model: nn.Module, speed: SpeedConfig | str = "fast", device: torch.dev
         elif isinstance(module, Attention):
             _become(module, Attention, FastAttention, s.fused_attention or id(module) in joined)
             module.fused = s.fused_attention
-        elif isinstance(module, PositionalEmbedding):
-            _become(module, PositionalEmbedding, CachedPositionalEmbedding, s.cache_positions)
         elif isinstance(module, BertTextEncoder):
             if isinstance(module, FastBertTextEncoder):
                 module.configure(fused_qkv=False, checkpoint=False)  # back to transformers' own layers

@@ -20,10 +20,9 @@ from torch import Tensor, nn
 from torch.nn.attention import sdpa_kernel
 
 from ..nn.encoders import BertTextEncoder, SequenceEncoder, length_mask
-from .fused_bert import fused_forward, joined_slots, unsupported
+from .fused_bert import fused_forward, unsupported
 from .sdpa import additive_mask, fused_backends, query_dtype
 from .transfer import to_device
-from .weight_casts import Slot
 
 logger = logging.getLogger(__name__)
 READY_MADE_MASKS = int(transformers.__version__.split(".")[0]) >= 5  # 4-D masks are passed through as they are
@@ -73,13 +72,6 @@ class FastBertTextEncoder(BertTextEncoder):
             if self.fused_qkv:
                 return fused_forward(self.bert, ids, segments, bias)  # (b, l, e)
             return self.bert(input_ids=ids, attention_mask=bias, token_type_ids=segments).last_hidden_state
-
-
-def joined_families(model: nn.Module) -> list[list[Slot]]:
-    """Families of Linear slots a layer of ``model`` reads as one tensor: per fused BERT layer the query/key/value
-    weights and biases (``weight_casts.ReusedCasts`` casts each family side by side)."""
-    return [family for m in model.modules() if isinstance(m, FastBertTextEncoder) and m.fused_qkv
-            for family in joined_slots(m.bert)]
 
 
 def set_activation_checkpointing(model: nn.Module, pretrained: str, on: bool) -> None:

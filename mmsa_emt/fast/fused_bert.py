@@ -17,12 +17,11 @@ Shape legend: b batch, l tokens, h heads, d head width, e hidden width.
 
 from __future__ import annotations
 
+import torch
 import transformers
 from einops import rearrange
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-from .weight_casts import Slot, joined
 
 
 def unsupported(bert: nn.Module) -> str | None:
@@ -40,17 +39,6 @@ def unsupported(bert: nn.Module) -> str | None:
     return None
 
 
-def joined_slots(bert: transformers.BertModel) -> list[list[Slot]]:
-    """Per layer, the query/key/value weights and their biases: the families ``bert_layer`` reads as one tensor
-    each (``weight_casts.ReusedCasts`` casts each family side by side)."""
-    families = []
-    for layer in bert.encoder.layer:
-        projections = (layer.attention.self.query, layer.attention.self.key, layer.attention.self.value)
-        families += [[(linear, kind) for linear in projections] for kind in ("weight", "bias")
-                     if all(getattr(linear, kind) is not None for linear in projections)]
-    return families
-
-
 def fused_forward(bert: transformers.BertModel, ids: Tensor, token_types: Tensor, bias: Tensor) -> Tensor:
     """BertModel's ``last_hidden_state`` for ids and token types (b, l) and the additive attention bias
     (b, 1, 1, l): 0 at tokens to attend to, -inf at padding, in the queries' dtype."""
@@ -64,8 +52,8 @@ def bert_layer(layer: nn.Module, x: Tensor, bias: Tensor) -> Tensor:
     """One ``BertLayer`` (post-LayerNorm): self-attention, Add & Norm, feed-forward, Add & Norm; x (b, l, e)."""
     attention, out = layer.attention.self, layer.attention.output
     projections = (attention.query, attention.key, attention.value)
-    weight = joined([linear.weight for linear in projections])  # (3e, e); cast side by side: no concatenation
-    qkv_bias = joined([linear.bias for linear in projections])  # (3e,)
+    weight = torch.cat([linear.weight for linear in projections])  # (3e, e)
+    qkv_bias = torch.cat([linear.bias for linear in projections])  # (3e,)
     qkv = rearrange(F.linear(x, weight, qkv_bias), "b l (three h d) -> b l three h d", three=3,
                     h=attention.num_attention_heads)  # a view
     # unbound along its own axis: the backward stacks the three gradients back into (b, l, 3, h, d), which reads as

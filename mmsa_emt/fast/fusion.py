@@ -7,7 +7,6 @@ same parameters and state-dict keys. ``apply`` swaps these classes in.
   activations, recomputed in the backward pass (``checkpoint_fusion``; dropout masks replayed).
 - ``JoinedEMT``: with ``modality_share`` (one HalfMPU serves every modality) the M local sequences joined along
   time, so every per-step layer runs once over all of them (``stack_modalities: "time"``).
-- ``CachedPositionalEmbedding``: the fixed sinusoid table built once per device and dtype, then sliced.
 
 Shape legend: b batch, t local sequence length, m modalities (= context tokens), d model width, h heads.
 """
@@ -25,7 +24,7 @@ from torch.nn.attention import sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..nn.attention import Attention, attend
-from ..nn.emt import EMT, HalfMPU, PositionalEmbedding
+from ..nn.emt import EMT, HalfMPU
 from .chunked_attention import chunked_dropout_attention
 from .sdpa import additive_mask, fused_backends, query_dtype
 
@@ -156,25 +155,6 @@ class FastHalfMPU(HalfMPU):
 
     def _feed_forward(self, x: Tensor) -> Tensor:
         return self.ff(self.norm_ff(x))
-
-
-class CachedPositionalEmbedding(PositionalEmbedding):
-    """``nn.emt.PositionalEmbedding`` whose fixed table is built once per device and dtype and sliced after."""
-
-    def sinusoid(self, length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """The fixed table's first ``length`` rows (1, t, d). Each row depends on its position alone, so the table
-        is built once per device and dtype, for max_len rows or the longest sequence seen, and sliced after
-        (9 kernels per modality and view saved). Inside ``torch.compile`` it is part of the graph instead (a
-        cache filled while tracing would force a recompilation)."""
-        if torch.compiler.is_compiling():
-            return super().sinusoid(length, device, dtype)
-        cache = self.__dict__.setdefault("_sinusoids", {})  # not state
-        table = cache.get((device, dtype))
-        if table is None or table.shape[1] < length:
-            with torch.inference_mode(False), torch.no_grad():
-                table = super().sinusoid(max(length, self.max_len), device, dtype)
-            cache[(device, dtype)] = table
-        return table[:, :length]
 
 
 class JoinedEMT(EMT):
