@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
@@ -85,18 +84,6 @@ class EpochResult:
     labels: Tensor  # (n,) CPU
     metrics: dict[str, float] = field(default_factory=dict)
     features: dict[str, Tensor] | None = None  # h_l, h_a, h_v, flatten(G) of the incomplete view, if kept
-
-
-def flush_denormals() -> bool:
-    """Flushes subnormal floats to zero for this process, unless MMSA_EMT_FLUSH_DENORMAL=0.
-
-    Heavily zeroed inputs (high missing rates) make subnormal values in training; on the CPU they slowed a
-    training run by 4x here (40 s -> 10 s for one trial at rate 1.0). Values below ~1e-38 become 0, nothing else
-    changes. It must be set before PyTorch starts its CPU worker threads, hence at ``import mmsa_emt``.
-    """
-    if os.environ.get("MMSA_EMT_FLUSH_DENORMAL", "1") == "0":
-        return False
-    return torch.set_flush_denormal(True)
 
 
 def _progress(batches: Iterable, desc: str, show: bool) -> tqdm:

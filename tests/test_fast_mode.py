@@ -500,3 +500,21 @@ def test_a_failing_compiler_backend_falls_back_to_eager_with_a_warning(tiny_conf
     assert len(warnings) == 1, warnings
     assert "on emt" in warnings[0] and "AssertionError: Node slice_1 was invalid" in warnings[0], warnings
     assert len(tries) == 1, "a part whose backend failed was compiled again"
+
+
+def test_subnormals_are_flushed_after_import_unless_turned_off(monkeypatch):
+    """``import mmsa_emt`` flushes subnormal floats to zero (they slow CPU training at high missing rates);
+    MMSA_EMT_FLUSH_DENORMAL=0 leaves them alone."""
+    from mmsa_emt.fast import FLUSH_ENV, flush_denormals
+
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal floats (no SSE3)")
+    try:
+        torch.set_flush_denormal(False)
+        tiny = torch.tensor([1e-39])  # a subnormal float32
+        monkeypatch.setenv(FLUSH_ENV, "0")
+        assert flush_denormals() is False and (tiny * 1.0).item() != 0.0
+        monkeypatch.delenv(FLUSH_ENV)
+        assert flush_denormals() is True and (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(True)  # as ``import mmsa_emt`` left it
