@@ -79,10 +79,8 @@ def check_overrides(model: str, dataset: str, config_file: str | Path, overrides
     """Every setting of the run checked before anything is trained: EMT-DLFR's by the settings table (an unknown
     key names the closest); an MMSA model's ``--set`` keys must be keys of its config entry or ones every model
     reads (``settings.SHARED_KEYS``, normalize_features): MMSA would silently ignore any other."""
-    from easydict import EasyDict
-
     from . import settings
-    from .mmsa.config import check_args, load_config, trial_args
+    from .mmsa.config import check_args, load_config, make_args, trial_args
     from .mmsa.config import is_ours as _is_ours
 
     base = load_config(model, dataset, config_file, tune=tune)
@@ -94,7 +92,7 @@ def check_overrides(model: str, dataset: str, config_file: str | Path, overrides
                 f"--set {', '.join(repr(k) + settings.suggestion(k, known) for k in unknown)}: not a config key of "
                 f"{base['model_name']} in {config_file}; MMSA would ignore it")
     if tune:  # a trial's values are drawn from debugParams; they are checked again before each trial's first batch
-        args = EasyDict({**base, **overrides, "device": settings.checked_assign_gpu(gpu_ids)})
+        args = make_args({**base, **overrides, "device": settings.checked_assign_gpu(gpu_ids)})
         check_args(args)
     else:
         trial_args(model, dataset, config_file, overrides=overrides, gpu_ids=gpu_ids)
@@ -106,19 +104,19 @@ def run_train(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         check_overrides(ns.model, ns.dataset, ns.config, overrides, ns.gpu_ids, tune=ns.tune)
     except (ValueError, KeyError, FileNotFoundError) as error:
         _fail(parser, error)
-    from MMSA import MMSA_run  # with mmsa-emt's models: ``import mmsa_emt`` registered them
+    from .mmsa.run import run_mmsa  # MMSA_run, with mmsa-emt's models registered
 
-    MMSA_run(ns.model, ns.dataset, config_file=ns.config, config=overrides or None, seeds=list(ns.seeds),
+    run_mmsa(ns.model, ns.dataset, config_file=ns.config, config=overrides or None, seeds=list(ns.seeds),
              is_tune=ns.tune, tune_times=ns.tune_times, gpu_ids=list(ns.gpu_ids), num_workers=ns.num_workers,
              verbose_level=ns.verbose, model_save_dir=ns.model_save_dir, res_save_dir=ns.res_save_dir,
              log_dir=ns.log_dir)
 
 
 def run_test(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    from MMSA.utils import dict_to_str
-
     from .configs import merged_config_file
+    from .mmsa.config import feature_file
     from .mmsa.evaluation import evaluate_checkpoint, save_results
+    from .mmsa.run import dict_to_str
 
     out = Path(ns.out or DEFAULT_TEST_OUT.format(dataset=ns.dataset.lower()))
     if out.suffix.lower() != ".csv":
@@ -131,7 +129,7 @@ def run_test(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
                                             num_workers=ns.num_workers, default_config=merged_config_file())
     except (ValueError, KeyError, FileNotFoundError) as error:
         _fail(parser, error)
-    print(f"{args['model_name']} on {args['dataset_name']} {ns.split} ({args['featurePath']}): "
+    print(f"{args['model_name']} on {args['dataset_name']} {ns.split} ({feature_file(args)}): "
           f"{dict_to_str(results)}")
     save_results(out, results, checkpoint=ns.checkpoint, args=args, split=ns.split, missing_rate=ns.missing_rate)
     print(f"a row added to {out}")
@@ -139,13 +137,10 @@ def run_test(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 def model_names() -> tuple[list[str], list[str]]:
     """(mmsa-emt's models, MMSA's models) by their display names."""
-    import MMSA.run as mmsa_run
-
-    from .mmsa.models import display_name
+    from .mmsa.models import display_name, mmsa_model_names
     from .registry import list_models
 
-    ours = [display_name(m) for m in list_models()]
-    return ours, [m for m in mmsa_run.SUPPORTED_MODELS if m not in ours] + ["TFR_Net"]
+    return [display_name(m) for m in list_models()], mmsa_model_names()
 
 
 def run_list(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

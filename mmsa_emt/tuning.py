@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,18 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from easydict import EasyDict
-from MMSA.utils import setup_seed
 
-from .mmsa.config import check_args, is_ours, load_config, optim_config_from_args
-from .mmsa.data import _Batches, checked_data_loader
-from .mmsa.models import AMIO, ATIO, display_name
+from .mmsa.config import check_args, is_ours, key_eval, load_config, make_args
+from .mmsa.data import checked_data_loader
+from .mmsa.models import AMIO, ATIO, display_name, load_trained
+from .mmsa.run import seed_everything
 from .mmsa.trainer import MINIMIZED_KEYS
 from .registry import canonical_name
 from .robustness.executors import ExecutorSettings, Failure, Job, limit_threads, require_ray, run_jobs
-from .trainer import build_optimizer, fit
 
-logger = logging.getLogger("MMSA")  # MMSA's logger, as for MMSA_run's own runs
 SCHEDULERS = ("fifo", "asha")
 SCORE = "valid_score"  # the validation KeyEval, as reported to Tune after every epoch
 
@@ -79,11 +75,11 @@ def search_space(model: str, dataset: str, config_file: str | Path, space_file: 
         if not isinstance(choices, list) or not choices:
             raise ValueError(f"{where}: '{key}' must map to a non-empty list of choices, got {choices!r}")
         for choice in choices:
-            check_args(EasyDict({**base, key: choice}))
+            check_args(make_args({**base, key: choice}))
     return space
 
 
-def base_args(model: str, dataset: str, config_file: str | Path, overrides: dict | None = None) -> EasyDict:
+def base_args(model: str, dataset: str, config_file: str | Path, overrides: dict | None = None) -> dict[str, Any]:
     """The tuning config's args of ``model`` on ``dataset`` with ``overrides``, checked; for mmsa-emt's models only.
     MMSA's reader draws a random choice for every ``debugParams`` key; here those keys take their fixed value from
     ``commonParams``/``datasetParams`` instead (a trial then sets the keys of its search space), so that keys left
@@ -110,9 +106,9 @@ def _sampled_keys(model: str, config_file: str | Path) -> list[str]:
     return list(entry.get("debugParams", {}).get("d_paras", []))
 
 
-def _trial_model(args: EasyDict, seed: int, num_workers: int) -> tuple[Any, Any, dict]:
+def _trial_model(args: dict[str, Any], seed: int, num_workers: int) -> tuple[Any, Any, dict]:
     """Seeds, then builds the loaders, the model and our trainer, as MMSA's ``_run`` does."""
-    setup_seed(seed)
+    seed_everything(seed)
     loaders = checked_data_loader(args, num_workers)
     model = AMIO(args).to(args["device"])
     return model, ATIO().getTrain(args), loaders
@@ -121,7 +117,8 @@ def _trial_model(args: EasyDict, seed: int, num_workers: int) -> tuple[Any, Any,
 def train_trial(config: dict[str, Any], *, base: dict, out_dir: str, seed: int, num_workers: int,
                 threads: int | None, device: str, report: Callable[[dict], None] | None = None) -> dict[str, float]:
     """One Tune trial: trains ``base`` updated with ``config`` and reports the validation results after every
-    epoch; the best epoch's weights go to ``<out_dir>/trials/<trial id>.pth``. The test split is not read."""
+    epoch; the best epoch's weights, with their config (``mmsa_emt.from_pretrained`` loads them), go to
+    ``<out_dir>/trials/<trial id>.pth``. The test split is not read."""
     if threads is not None:
         limit_threads(threads)
     if report is None:
@@ -130,7 +127,7 @@ def train_trial(config: dict[str, Any], *, base: dict, out_dir: str, seed: int, 
         report, trial_id = tune.report, tune.get_context().get_trial_id()
     else:
         trial_id = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    args = EasyDict(copy.deepcopy(base))
+    args = make_args(copy.deepcopy(base))
     args.update(config)
     args["device"] = torch.device(device)
     check_args(args)
@@ -139,32 +136,23 @@ def train_trial(config: dict[str, Any], *, base: dict, out_dir: str, seed: int, 
     args["model_save_path"] = save_path
     model, trainer, loaders = _trial_model(args, seed, num_workers)
     key = trainer.key_metric
-    minimize = key in MINIMIZED_KEYS
 
     def on_epoch_end(epoch: int, train: dict[str, float], valid: dict[str, float]) -> None:
         report({SCORE: float(valid[key]), "epoch": epoch, "checkpoint": str(save_path),
                 **{f"valid_{k}": float(v) for k, v in valid.items() if k.isidentifier()}})
 
-    net = model.Model
-    trainer.speed.prepare_model(net)
-    result = fit(net, _Batches(loaders["train"]), _Batches(loaders["valid"]),
-                 optimizer=build_optimizer(net, optim_config_from_args(args)), weights=trainer.weights,
-                 metric_fn=trainer.metrics, key_metric=key, minimize=minimize,
-                 early_stop=int(args.get("early_stop", 8)), max_epochs=args.get("max_epochs"),
-                 update_every=int(args.get("update_epochs", 1)), save_path=save_path, checkpoint_prefix="Model.",
-                 device=trainer.device, progress=False, logger=logger, on_epoch_end=on_epoch_end,
-                 speed=trainer.speed, last_partial_group="drop" if trainer.authors_training else "step")
+    result = trainer.train(model, loaders, save_path=save_path, progress=False, on_epoch_end=on_epoch_end)
     return {SCORE: float(result.best_value), "checkpoint": str(save_path)}
 
 
 def evaluate_checkpoint(args: dict, checkpoint: str, seed: int, num_workers: int, device: str | None = None
                     ) -> dict[str, float]:
     """The test results of the weights in ``checkpoint``: run once, after the search has chosen them."""
-    args = EasyDict(copy.deepcopy(args))
+    args = make_args(copy.deepcopy(args))
     args["device"] = torch.device(device or "cpu")
     args["model_save_path"] = Path(checkpoint)
     model, trainer, loaders = _trial_model(args, seed, num_workers)
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+    load_trained(model, checkpoint)
     results = trainer.do_test(model, loaders["test"], mode="TEST")
     return {k: float(v) for k, v in results.items() if isinstance(v, (int, float))}
 
@@ -189,7 +177,7 @@ def tune_model(model: str, dataset: str, config_file: str | Path, *, trials: int
         raise ValueError(f"--scheduler/scheduler={scheduler!r} is not one of {', '.join(SCHEDULERS)}")
     base = base_args(model, dataset, config_file, overrides)
     space = search_space(model, dataset, config_file, space_file)
-    key = str(base.get("KeyEval", "Loss"))
+    key = key_eval(base)
     mode = "min" if key in MINIMIZED_KEYS else "max"
     out_dir = Path(out_dir).resolve()
     name = f"{display_name(model)}-{dataset.lower()}"

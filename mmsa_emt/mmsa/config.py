@@ -135,6 +135,21 @@ def _config_tune(model_name: str, dataset_name: str, config_file: str = "", rand
                        tune=True)
 
 
+def make_args(values: Mapping[str, Any]) -> EasyDict:
+    """MMSA's args bag (an ``EasyDict``, read by attribute and by key) holding ``values``."""
+    return EasyDict(values)
+
+
+def key_eval(args: Mapping[str, Any]) -> str:
+    """The validation result that picks the best epoch (MMSA's ``KeyEval``; the table's default when absent)."""
+    return str(settings.get(args, "KeyEval"))
+
+
+def feature_file(args: Mapping[str, Any]) -> Path:
+    """The feature file a run reads (MMSA's ``featurePath``, absolute once ``load_config`` built it)."""
+    return Path(settings.get(args, "featurePath"))
+
+
 def is_ours(args: Mapping[str, Any]) -> bool:
     """True when ``args`` name a model registered by mmsa-emt (EMT-DLFR), False for MMSA's own models."""
     return canonical_name(str(args.get("model_name"))) is not None

@@ -4,6 +4,7 @@ loading of their weights (``load_weights``, ``_load_checkpoint``)."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint, fast
 from ..checkpoint import CheckpointError, load_weights  # noqa: F401  (re-exported)
-from ..registry import canonical_name, get_builder
+from ..registry import canonical_name, get_builder, list_models
 from .config import is_ours as _is_ours
 from .config import translate
 from .trainer import EMTDLFRTrainer
@@ -28,6 +29,11 @@ def _load_checkpoint(f: Any, *args: Any, **kwargs: Any) -> Any:
     """``torch.load`` whose errors name the file (``checkpoint.load_file``); a checkpoint that carries its config
     gives its state dict, as a weight-only file does (MMSA's ``_run`` reloads the best weights through this)."""
     return checkpoint.state_dict_of(checkpoint.load_file(f, *args, **kwargs), str(getattr(f, "name", f)))
+
+
+def load_trained(model: nn.Module, path: str | os.PathLike) -> None:
+    """Loads the weights file at ``path`` (packaged or weight-only; errors name the file) into ``model`` (an AMIO)."""
+    model.load_state_dict(_load_checkpoint(path, map_location="cpu"))
 
 
 def _refuse_unmarked_padding(name: str, frames: Tensor, where: str) -> None:
@@ -88,6 +94,12 @@ class ATIO(_MMSA_ATIO):
 
     def getTrain(self, args: EasyDict):
         return EMTDLFRTrainer(args) if _is_ours(args) else super().getTrain(args)
+
+
+def mmsa_model_names() -> list[str]:
+    """MMSA's own models as its model list spells them (TFR-Net, which MMSA runs but does not list, included)."""
+    ours = {name.upper() for name in list_models()}
+    return [m for m in mmsa_run.SUPPORTED_MODELS if m not in ours] + ["TFR_Net"]
 
 
 def display_name(model_name: str) -> str:

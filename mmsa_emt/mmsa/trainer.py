@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,13 @@ from MMSA.utils import MetricsTop, dict_to_str
 from torch import nn
 
 from .. import checkpoint
-from ..trainer import build_optimizer, evaluate, fit
+from ..trainer import FitResult, build_optimizer, evaluate, fit
 from .config import translate
 from .data import _Batches
 
 logger = logging.getLogger("MMSA")
 MINIMIZED_KEYS = ("Loss", "Loss(pred_m)", "MAE", "RMSE")
+EpochCallback = Callable[[int, dict[str, float], dict[str, float]], None]  # (epoch, train results, valid results)
 
 
 def _checkpoint_path(args: EasyDict) -> Path:
@@ -78,8 +79,27 @@ class EMTDLFRTrainer:
     def metrics(self, preds: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return _plain(self.metric_fn(preds, labels))
 
+    def train(self, model: nn.Module, dataloader: Mapping[str, Any], *, save_path: Path,
+              progress: bool | None = None, on_epoch_end: EpochCallback | None = None) -> FitResult:
+        """Trains ``model.Model`` on the train split, early-stopped on the valid split, with ``fit`` and this run's
+        translated config (optimizer, loss weights, speed, key metric, epochs, accumulation, authors' semantics);
+        the best weights go to ``save_path`` with the config they need (``checkpoint.metadata``). ``progress``:
+        None follows ``verbose_level``."""
+        net = model.Model
+        self.speed.prepare_model(net)
+        return fit(net, _Batches(dataloader["train"]), _Batches(dataloader["valid"]),
+                   optimizer=build_optimizer(net, self.config.optim), weights=self.weights,
+                   metric_fn=self.metrics, key_metric=self.key_metric,
+                   minimize=self.key_metric in MINIMIZED_KEYS, early_stop=self.training.early_stop,
+                   max_epochs=self.training.max_epochs, update_every=self.training.update_epochs,
+                   save_path=save_path, checkpoint_prefix=checkpoint.MMSA_PREFIX, device=self.device,
+                   checkpoint_meta=checkpoint.metadata(net, self.args),
+                   progress=self.progress if progress is None else progress, logger=logger,
+                   on_epoch_end=on_epoch_end, speed=self.speed,
+                   last_partial_group="drop" if self.authors_training else "step")
+
     def do_train(self, model: nn.Module, dataloader: Mapping[str, Any], return_epoch_results: bool = False):
-        net, args = model.Model, self.args
+        args = self.args
         save_path = _checkpoint_path(args)
         args["model_save_path"] = save_path  # MMSA's _run reloads the best weights from here
         history: dict[str, list] = {"train": [], "valid": [], "test": []}
@@ -91,16 +111,7 @@ class EMTDLFRTrainer:
                 history["test"].append(self.do_test(model, dataloader["test"], mode="TEST"))
 
         try:
-            self.speed.prepare_model(net)
-            result = fit(net, _Batches(dataloader["train"]), _Batches(dataloader["valid"]),
-                         optimizer=build_optimizer(net, self.config.optim), weights=self.weights,
-                         metric_fn=self.metrics, key_metric=self.key_metric,
-                         minimize=self.key_metric in MINIMIZED_KEYS, early_stop=self.training.early_stop,
-                         max_epochs=self.training.max_epochs, update_every=self.training.update_epochs,
-                         save_path=save_path, checkpoint_prefix="Model.", device=self.device,
-                         checkpoint_meta=checkpoint.metadata(net, args),
-                         progress=self.progress, logger=logger, on_epoch_end=on_epoch_end, speed=self.speed,
-                         last_partial_group="drop" if self.authors_training else "step")
+            result = self.train(model, dataloader, save_path=save_path, on_epoch_end=on_epoch_end)
         except BaseException:
             _drop_placeholder(save_path)  # a failed run frees the name it reserved (weights written are kept)
             raise

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text
-from ..mmsa.config import load_config
+from ..mmsa.config import feature_file, load_config
 
 VOLATILE_ARGS = {"config_file", "feature_hint", "model_save_path", "device", "missing_rate", "cur_seed",
                  "custom_feature", "feature_T", "feature_A", "feature_V", "train_mode"}
@@ -66,6 +66,6 @@ def config_hash(model: str, dataset: str, config_file: str | Path, overrides: di
     args = load_config(model, dataset, config_file)
     args.update(overrides or {})
     kept = {k: v for k, v in args.items() if k not in VOLATILE_ARGS}
-    feature = Path(args["featurePath"])
+    feature = feature_file(args)
     kept["feature_file"] = [str(feature), file_digest(feature, digest_cache) if feature.is_file() else None]
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from easydict import EasyDict
-from MMSA.utils import setup_seed
 
-from ..mmsa.config import _set_device_if_cuda, load_config, trial_args
+from ..mmsa.config import _set_device_if_cuda, feature_file, key_eval, load_config, trial_args
 from ..mmsa.data import at_missing_rates, checked_data_loader, checked_test_loaders, reads_incomplete_view
-from ..mmsa.models import AMIO, ATIO
+from ..mmsa.models import AMIO, ATIO, load_trained
+from ..mmsa.run import seed_everything
 from ..mmsa.trainer import MINIMIZED_KEYS
 from .digests import DIGEST_CACHE, config_hash
 from .plan import TrialSpec
@@ -103,9 +102,9 @@ def _valid_score(args: dict, spec: TrialSpec, checkpoint: Path, cache_dir: Path,
     train_args["model_save_path"] = checkpoint
     loaders = checked_data_loader(train_args, num_workers)
     model = AMIO(train_args).to(train_args["device"])
-    model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+    load_trained(model, checkpoint)
     trainer = ATIO().getTrain(train_args)
-    key = str(train_args.get("KeyEval", "Loss"))
+    key = key_eval(train_args)
     score = trainer.do_test(model, loaders["valid"], mode="VAL")
     if key not in score:
         raise KeyError(f"KeyEval='{key}' of {spec.model} is not among its validation results {sorted(score)}")
@@ -127,13 +126,13 @@ def prepare_incomplete_views(models: Sequence[str], dataset: str, config_file: s
         needed = sorted({r for t in trials if t.model == model for r in (t.train_rates, *t.test_rates)})
         for rates in needed:
             at = at_missing_rates(args, rates, incomplete_dir(out_dir))
-            written.append(Path(at["featurePath"]))
+            written.append(feature_file(at))
     if written:
         echo(f"{len(set(written))} incomplete-view feature files ready in {incomplete_dir(out_dir)}")
     return written
 
 
-def run_missing_trial(args: EasyDict, *, seed: int, train_rates: Sequence[float],
+def run_missing_trial(args: dict[str, Any], *, seed: int, train_rates: Sequence[float],
                       test_rates: Sequence[Sequence[float]], checkpoint: Path, cache_dir: Path,
                       num_workers: int = 0) -> tuple[list[dict[str, float]], Path]:
     """Trains one model at ``train_rates`` with ``seed`` and tests it at each of ``test_rates``, as MMSA's
@@ -142,13 +141,13 @@ def run_missing_trial(args: EasyDict, *, seed: int, train_rates: Sequence[float]
     train_args["model_save_path"] = checkpoint
     checkpoint.parent.mkdir(parents=True, exist_ok=True)  # MMSA's own trainers save without creating it
     _set_device_if_cuda(train_args["device"])
-    setup_seed(seed)
+    seed_everything(seed)
     loaders = checked_data_loader(train_args, num_workers)
     model = AMIO(train_args).to(train_args["device"])
     trainer = ATIO().getTrain(train_args)
     trainer.do_train(model, loaders)
     saved = Path(train_args["model_save_path"])  # our trainer picks a per-seed name that overwrites nothing
-    model.load_state_dict(torch.load(saved, map_location="cpu"))
+    load_trained(model, saved)
     trained_at = loaders["test"]
     del loaders  # the training and validation splits are not needed for testing
 
