@@ -5,14 +5,12 @@
 
 from .checkpoint import from_pretrained
 from .dlfr import DLFR, LossWeights, TwoViewBatch, compute_loss
-from .fast import flush_denormals
 from .mmsa.config import load_config
 from .mmsa.patches import register
 from .model import EMTDLFR, EMTDLFRConfig
 from .registry import list_models
 
 register()
-flush_denormals()  # before torch starts its CPU threads; MMSA_EMT_FLUSH_DENORMAL=0 turns it off
 
 __all__ = ["DLFR", "EMTDLFR", "EMTDLFRConfig", "LossWeights", "TwoViewBatch", "compute_loss", "from_pretrained",
            "list_models", "load_config", "register"]

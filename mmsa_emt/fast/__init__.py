@@ -30,14 +30,13 @@ from .config import (
     from_settings,
     speed_config,
 )
-from .denormals import FLUSH_ENV, flush_denormals
 from .dropout import use_numpy_dropout
 from .encoders import FastBertTextEncoder, PaddedSequenceEncoder
 from .fusion import FastAttention, FastHalfMPU, JoinedEMT
 from .views import FastEMTDLFR, FusedViewsDLFR
 
-__all__ = ["FAITHFUL", "FAST", "FLUSH_ENV", "LEVERS", "PRECISIONS", "PRESETS", "REMOVED", "SpeedConfig", "apply",
-           "auto_precision", "compile_model", "flush_denormals", "from_settings", "speed_config"]
+__all__ = ["FAITHFUL", "FAST", "LEVERS", "PRECISIONS", "PRESETS", "REMOVED", "SpeedConfig", "apply",
+           "auto_precision", "compile_model", "from_settings", "speed_config"]
 
 
 def apply(model: nn.Module, speed: SpeedConfig | str = "fast", device: torch.device | str = "cpu") -> nn.Module:
