@@ -1,6 +1,9 @@
 """The ``fast`` preset computes what the ``faithful`` one computes: same losses and gradients (float64 to 1e-9,
 float32 to float rounding); and each lever of ``mmsa_emt.fast`` alone changes nothing but the work."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import OpCount, build_model, random_batch
@@ -506,9 +509,6 @@ def test_a_failing_compiler_backend_falls_back_to_eager_with_a_warning(tiny_conf
 def test_import_leaves_the_process_floating_point_mode_alone():
     """``import mmsa_emt`` changes no process-wide state of PyTorch: subnormal floats stay subnormal (flushing them
     to zero showed no gain, docs/speed.md, and would change a user's other computations in the same process)."""
-    import subprocess
-    import sys
-
     code = "import torch, mmsa_emt; print((torch.tensor([1e-39]) * 1.0).item())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(done.stdout.strip().splitlines()[-1]) != 0.0

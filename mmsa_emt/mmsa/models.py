@@ -107,5 +107,5 @@ def display_name(model_name: str) -> str:
     key = canonical_name(model_name)
     if key is not None:
         return key.upper()
-    known = {m.lower(): m for m in [*mmsa_run.SUPPORTED_MODELS, "TFR_Net"]}
+    known = {m.lower(): m for m in mmsa_model_names()}
     return known.get(model_name.lower(), model_name)
